@@ -1,0 +1,47 @@
+"""Vision-language adapters. Qwen-VL: the position-aware cross-attention resampler.
+
+ViT tokens [N, P, width] -> kv_proj (no bias) -> ln_kv; n_queries learned queries -> ln_q;
+queries + fixed 2-D sin-cos positions attend to keys (+ the same table bicubic-resized to the ViT grid)
+and values (no positions) -> ln_post -> x @ proj -> [N, n_queries, output_dim].
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qwenvl_jax.config import VisionConfig
+from qwenvl_jax.nn.attention import MultiHeadAttention
+from qwenvl_jax.nn.layers import LayerNorm, dense
+from qwenvl_jax.nn.resize import resize_square_table, sincos_2d
+
+
+class Resampler(nn.Module):
+  """`pos_embed` is a parameter (it is in the official checkpoint) that the training recipe keeps frozen."""
+  cfg: VisionConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [N, P, width] -> [N, n_queries, output_dim]."""
+    c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    d, nq = c.output_dim, c.n_queries
+    grid = int(round(nq ** 0.5))
+    pos = self.param("pos_embed", nn.with_logical_partitioning(
+        lambda *_: jnp.asarray(sincos_2d(d, grid), self.param_dtype), ("queries", "embed")), (nq, d))
+    query = self.param("query", nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02),
+                                                             ("queries", "embed")), (nq, d), self.param_dtype)
+    kv = dense(d, ("vit_embed", "embed"), name="kv_proj", use_bias=False, **kw)(x)
+    kv = LayerNorm(c.layer_norm_eps, "embed", name="ln_kv", **kw)(kv)
+    q = LayerNorm(c.layer_norm_eps, "embed", name="ln_q", **kw)(query)
+    q = (q + pos.astype(self.dtype))[None].repeat(x.shape[0], axis=0)
+    k = kv + resize_square_table(pos, x.shape[1]).astype(self.dtype)
+    out = MultiHeadAttention(c.resampler_heads, d // c.resampler_heads, d, "embed", "heads", "embed",
+                             name="attn", **kw)(q, k, kv)
+    self.sow("intermediates", "attn_out", out)
+    out = LayerNorm(c.layer_norm_eps, "embed", name="ln_post", **kw)(out)
+    proj = self.param("proj", nn.with_logical_partitioning(nn.initializers.normal(d ** -0.5),
+                                                           ("embed", "embed_out")), (d, d), self.param_dtype)
+    return out @ proj.astype(self.dtype)

@@ -1,0 +1,236 @@
+"""Model configuration: dataclasses, the named configs, and the HF `config.json` mapping.
+
+A `QwenVLConfig` is frozen and hashable so it can be a static argument of `jax.jit`.
+Field names follow the official Qwen-VL `config.json` where one exists, so the mapping
+to and from Hugging Face is a rename at most.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(name_or_dtype: Any):
+  """'bfloat16' | jnp.bfloat16 -> jnp dtype, with a clear error for anything else."""
+  if isinstance(name_or_dtype, str):
+    if name_or_dtype not in DTYPES:
+      raise ValueError(f"unknown dtype {name_or_dtype!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name_or_dtype]
+  return jnp.dtype(name_or_dtype).type
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """ViT + resampler. Defaults are the official Qwen-VL ViT-bigG/14."""
+  image_size: int = 448
+  patch_size: int = 14
+  width: int = 1664
+  layers: int = 48
+  heads: int = 16
+  mlp_ratio: float = 4.9231
+  output_dim: int = 4096      # resampler width == decoder hidden size
+  n_queries: int = 256        # a square number: queries sit on a sqrt(n) x sqrt(n) grid
+  image_start_id: int = 151857  # <img>; </img> = +1, <imgpad> = +2 (as the official code assumes)
+  pos_table_size: int = 256   # learned ViT positions: a 16x16 table resized to the patch grid
+  layer_norm_eps: float = 1e-6
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def mlp_dim(self) -> int:
+    return int(self.width * self.mlp_ratio)
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.heads
+
+  @property
+  def resampler_heads(self) -> int:
+    return self.output_dim // 128
+
+  @property
+  def image_end_id(self) -> int:
+    return self.image_start_id + 1
+
+  @property
+  def image_pad_id(self) -> int:
+    return self.image_start_id + 2
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenVLConfig:
+  """Decoder fields use the official `config.json` names; `visual` is the vision tower."""
+  vocab_size: int = 151936
+  hidden_size: int = 4096
+  num_attention_heads: int = 32
+  kv_channels: int = 128
+  num_hidden_layers: int = 32
+  intermediate_size: int = 22016  # official convention: each of w1/w2 is intermediate_size // 2 wide
+  seq_length: int = 2048          # training context; dynamic NTK / logn start beyond it
+  max_position_embeddings: int = 8192
+  rotary_emb_base: float = 10000.0
+  rotary_pct: float = 1.0
+  layer_norm_epsilon: float = 1e-6
+  use_dynamic_ntk: bool = True    # inference only, as in the official code
+  use_logn_attn: bool = True      # inference only, as in the official code
+  no_bias: bool = True            # biases off for c_proj / MLP; c_attn always has a bias
+  visual: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+  # Implementation switches (not part of the HF config).
+  param_dtype: str = "float32"
+  dtype: str = "float32"          # compute dtype; norms, softmax and RoPE always run in float32
+  scan_layers: bool = True
+  remat_policy: str = "none"      # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+
+  @property
+  def head_dim(self) -> int:
+    return self.kv_channels
+
+  @property
+  def mlp_dim(self) -> int:
+    return self.intermediate_size // 2
+
+  @property
+  def rotary_dim(self) -> int:
+    return int(self.kv_channels * self.rotary_pct)
+
+  def replace(self, **kw) -> "QwenVLConfig":
+    vis = kw.pop("visual", None)
+    cfg = dataclasses.replace(self, **kw)
+    if vis is not None:
+      vis = dataclasses.replace(self.visual, **vis) if isinstance(vis, dict) else vis
+      cfg = dataclasses.replace(cfg, visual=vis)
+    cfg.validate()
+    return cfg
+
+  def validate(self) -> None:
+    def need(cond, msg):
+      if not cond:
+        raise ValueError(f"invalid model config: {msg}")
+    need(self.hidden_size == self.num_attention_heads * self.kv_channels,
+         f"hidden_size {self.hidden_size} != num_attention_heads {self.num_attention_heads} * kv_channels {self.kv_channels}")
+    need(self.rotary_dim % 2 == 0, "rotary dimension must be even")
+    v = self.visual
+    need(v.output_dim == self.hidden_size, f"visual.output_dim {v.output_dim} != hidden_size {self.hidden_size}")
+    need(v.width % v.heads == 0, f"visual.width {v.width} not divisible by visual.heads {v.heads}")
+    need(v.output_dim % 128 == 0, "visual.output_dim must be a multiple of 128 (resampler heads = output_dim // 128)")
+    need(int(round(v.n_queries ** 0.5)) ** 2 == v.n_queries, f"visual.n_queries {v.n_queries} is not a square")
+    need(int(round(v.pos_table_size ** 0.5)) ** 2 == v.pos_table_size, "visual.pos_table_size must be a square")
+    need(v.image_size % v.patch_size == 0, "visual.image_size must be a multiple of patch_size")
+    need(v.image_pad_id < self.vocab_size, f"image token ids {v.image_start_id}..{v.image_pad_id} outside vocab {self.vocab_size}")
+    for name in ("param_dtype", "dtype"):
+      as_dtype(getattr(self, name))
+    need(self.remat_policy in REMAT_POLICIES, f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
+
+
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+# The official Qwen-VL / Qwen-VL-Chat checkpoint.
+QWEN_VL_7B = QwenVLConfig()
+
+# Same dimensions as the golden fixture model (tests/fixtures/qwen_vl_tiny).
+QWEN_VL_TINY = QwenVLConfig(
+    vocab_size=320, hidden_size=256, num_attention_heads=4, kv_channels=64, num_hidden_layers=2,
+    intermediate_size=512, seq_length=64, max_position_embeddings=512,
+    visual=VisionConfig(image_size=112, patch_size=14, width=96, layers=2, heads=4, mlp_ratio=2.0,
+                        output_dim=256, n_queries=16, image_start_id=300))
+
+# Small model for the embedded demo on a 2-core CPU (vocabulary of the demo's SentencePiece model).
+QWEN_VL_DEMO = QwenVLConfig(
+    vocab_size=4096, hidden_size=256, num_attention_heads=4, kv_channels=64, num_hidden_layers=4,
+    intermediate_size=1024, seq_length=512, max_position_embeddings=2048,
+    visual=VisionConfig(image_size=112, patch_size=14, width=192, layers=4, heads=4, mlp_ratio=4.0,
+                        output_dim=256, n_queries=16, image_start_id=4000))
+
+NAMED = {"qwen_vl_7b": QWEN_VL_7B, "qwen_vl_tiny": QWEN_VL_TINY, "qwen_vl_demo": QWEN_VL_DEMO}
+
+
+def get_config(name: str | QwenVLConfig, **overrides) -> QwenVLConfig:
+  """A named config (see `NAMED`) with optional field overrides."""
+  if isinstance(name, QwenVLConfig):
+    cfg = name
+  elif name in NAMED:
+    cfg = NAMED[name]
+  else:
+    raise ValueError(f"unknown model config {name!r}; known: {sorted(NAMED)}")
+  return cfg.replace(**overrides) if overrides else (cfg.validate() or cfg)
+
+
+# --- Hugging Face config.json ------------------------------------------------------------------
+
+_HF_DECODER_KEYS = ("vocab_size", "hidden_size", "num_attention_heads", "kv_channels", "num_hidden_layers",
+                    "intermediate_size", "seq_length", "max_position_embeddings", "rotary_emb_base",
+                    "rotary_pct", "layer_norm_epsilon", "use_dynamic_ntk", "use_logn_attn", "no_bias")
+_HF_VISUAL_KEYS = ("image_size", "patch_size", "width", "layers", "heads", "mlp_ratio", "output_dim",
+                   "n_queries", "image_start_id")
+
+
+def from_hf_dict(d: dict, **overrides) -> QwenVLConfig:
+  """Official QWenConfig JSON -> QwenVLConfig (unknown HF keys are ignored)."""
+  if d.get("model_type") not in (None, "qwen"):
+    raise ValueError(f"config.json has model_type {d.get('model_type')!r}; expected 'qwen' (Qwen-VL v1)")
+  if "visual" not in d:
+    raise ValueError("config.json has no 'visual' section: not a Qwen-VL checkpoint")
+  dec = {k: d[k] for k in _HF_DECODER_KEYS if k in d}
+  vis = {k: d["visual"][k] for k in _HF_VISUAL_KEYS if k in d["visual"]}
+  if "rotary_emb_base" in dec:
+    dec["rotary_emb_base"] = float(dec["rotary_emb_base"])
+  cfg = QwenVLConfig(**dec, visual=VisionConfig(**vis))
+  return cfg.replace(**overrides) if overrides else (cfg.validate() or cfg)
+
+
+def to_hf_dict(cfg: QwenVLConfig, torch_dtype: str = "bfloat16") -> dict:
+  """QwenVLConfig -> a config.json the official remote code loads."""
+  d: dict[str, Any] = {
+      "architectures": ["QWenLMHeadModel"],
+      "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig",
+                   "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
+      "model_type": "qwen",
+      "attn_dropout_prob": 0.0, "emb_dropout_prob": 0.0, "initializer_range": 0.02,
+      "scale_attn_weights": True, "tie_word_embeddings": False, "tokenizer_type": "QWenTokenizer",
+      "use_cache": True, "use_flash_attn": False,
+      "bf16": torch_dtype == "bfloat16", "fp16": torch_dtype == "float16", "fp32": torch_dtype == "float32",
+      "torch_dtype": torch_dtype,
+  }
+  for k in _HF_DECODER_KEYS:
+    d[k] = getattr(cfg, k)
+  if float(cfg.rotary_emb_base).is_integer():
+    d["rotary_emb_base"] = int(cfg.rotary_emb_base)
+  d["visual"] = {k: getattr(cfg.visual, k) for k in _HF_VISUAL_KEYS}
+  return dict(sorted(d.items()))
+
+
+def load_hf_config(folder: str, **overrides) -> QwenVLConfig:
+  path = os.path.join(folder, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no config.json in {folder}")
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from None
+  return from_hf_dict(d, **overrides)
+
+
+def to_json_dict(cfg: QwenVLConfig) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def from_json_dict(d: dict) -> QwenVLConfig:
+  d = dict(d)
+  vis = VisionConfig(**d.pop("visual"))
+  known = {f.name for f in dataclasses.fields(QwenVLConfig)}
+  unknown = set(d) - known
+  if unknown:
+    raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+  cfg = QwenVLConfig(**d, visual=vis)
+  cfg.validate()
+  return cfg

@@ -1,0 +1,1 @@
+"""Weight conversion between this project and the Hugging Face / PyTorch formats."""

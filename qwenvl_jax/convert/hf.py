@@ -1,0 +1,188 @@
+"""Streaming import/export between parameter trees and Hugging Face checkpoint folders.
+
+Import reads one official tensor at a time, converts it and writes it into a preallocated buffer of the
+target dtype (stacked layers are filled slice by slice), so peak memory is the converted model plus one
+tensor. Export walks the same rules backwards and writes shard by shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Callable, Iterator
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from qwenvl_jax.config import QwenVLConfig, to_hf_dict
+from qwenvl_jax.convert import qwen_vl
+from qwenvl_jax.convert.tensor_io import (CheckpointError, checkpoint_keys, iter_checkpoint,
+                                          write_sharded_safetensors)
+
+NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+WEIGHT_FILE = re.compile(r"^(model.*\.safetensors|pytorch_model.*\.bin)(\.index\.json)?$")
+
+
+def flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, object]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def unflatten(flat: dict[tuple, object]) -> dict:
+  tree: dict = {}
+  for path, v in flat.items():
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return tree
+
+
+def _short_list(names, n=8) -> str:
+  names = sorted(names)
+  more = f" ... (+{len(names) - n} more)" if len(names) > n else ""
+  return ", ".join(names[:n]) + more
+
+
+def check_keys(folder: str, cfg: QwenVLConfig) -> dict[str, qwen_vl.Slot]:
+  """Compare a checkpoint's tensor names with what `cfg` needs; raise naming missing/unexpected keys."""
+  slots = qwen_vl.expand(cfg)
+  keys = set(checkpoint_keys(folder))
+  keys = {k for k in keys if not qwen_vl.IGNORED_HF_KEYS.search(k)}
+  missing, unexpected = set(slots) - keys, keys - set(slots)
+  if missing or unexpected:
+    parts = []
+    if missing:
+      parts.append(f"missing keys: {_short_list(missing)}")
+    if unexpected:
+      parts.append(f"unexpected keys: {_short_list(unexpected)}")
+    raise CheckpointError(f"{folder}: checkpoint does not match its config.json; " + "; ".join(parts))
+  return slots
+
+
+def import_hf_params(folder: str, cfg: QwenVLConfig, abstract: dict, dtype: str = "float32",
+                     progress: Callable[[int], None] | None = None) -> dict:
+  """Read an official checkpoint folder into a nested dict of numpy arrays shaped like `abstract`.
+
+  abstract: tree of ShapeDtypeStruct (`qwenvl_jax.model.abstract_params(cfg)`); dtype: target dtype.
+  progress(n_bytes) is called after each tensor.
+  """
+  slots = check_keys(folder, cfg)
+  shapes = {p: tuple(x.shape) for p, x in flatten(abstract).items()}
+  np_dtype = NP_DTYPES[dtype]
+  buffers: dict[tuple, np.ndarray] = {}
+  filled: set = set()
+  for name, arr in iter_checkpoint(folder):
+    slot = slots.get(name)
+    if slot is None:  # an ignored buffer
+      continue
+    try:
+      outs = slot.rule.to_ours(arr)
+    except ValueError:
+      outs = None
+    for k, path in enumerate(slot.rule.ours):
+      tree_path, idx = qwen_vl.param_location(path, slot.layer, cfg.scan_layers)
+      if tree_path not in shapes:
+        raise CheckpointError(f"{name}: no parameter {'/'.join(tree_path)} in the model built from the config")
+      full = shapes[tree_path]
+      want = full[1:] if idx is not None else full
+      if outs is None or tuple(outs[k].shape) != want:
+        raise CheckpointError(f"{name}: shape {tuple(arr.shape)} does not fit the config "
+                              f"({'/'.join(tree_path)} expects {want})")
+      buf = buffers.get(tree_path)
+      if buf is None:
+        buf = buffers[tree_path] = np.empty(full, np_dtype)
+      if idx is None:
+        buf[...] = outs[k]
+      else:
+        buf[idx] = outs[k]
+      filled.add((tree_path, idx))
+    if progress is not None:
+      progress(arr.nbytes)
+    del arr, outs
+  expected = {qwen_vl.param_location(p, s.layer, cfg.scan_layers) for s in slots.values() for p in s.rule.ours}
+  if expected - filled:
+    raise CheckpointError(f"{folder}: some parameters were not filled: {_short_list(str(e) for e in expected - filled)}")
+  if set(shapes) - set(buffers):
+    raise CheckpointError(f"{folder}: model parameters with no checkpoint tensor: "
+                          f"{_short_list('/'.join(p) for p in set(shapes) - set(buffers))}")
+  return unflatten(buffers)
+
+
+def _host(a, idx):
+  """A (possibly device-resident, stacked) parameter slice as a host numpy array."""
+  if isinstance(a, jax.Array):
+    return np.asarray(jax.device_get(a if idx is None else a[idx]))
+  return np.asarray(a if idx is None else a[idx])
+
+
+def hf_tensors(params: dict, cfg: QwenVLConfig, dtype: str) -> tuple[Iterator[tuple[str, np.ndarray]], dict[str, int]]:
+  """-> (lazy iterator of (official name, array in `dtype`), official name -> byte size)."""
+  flat = flatten(params)
+  slots = qwen_vl.expand(cfg)
+  np_dtype = np.dtype(NP_DTYPES[dtype])
+
+  def sources(slot):
+    return [qwen_vl.param_location(p, slot.layer, cfg.scan_layers) for p in slot.rule.ours]
+
+  sizes = {}
+  for name, slot in slots.items():
+    n = 0
+    for tree_path, idx in sources(slot):
+      shape = flat[tree_path].shape
+      n += int(np.prod(shape[1:] if idx is not None else shape))
+    sizes[name] = n * np_dtype.itemsize
+
+  def gen():
+    for name, slot in slots.items():
+      ins = [_host(flat[p], idx) for p, idx in sources(slot)]
+      yield name, np.asarray(slot.rule.to_hf(*ins)).astype(np_dtype)
+
+  return gen(), sizes
+
+
+def parse_size(size: int | str) -> int:
+  """'5GB' | '500MB' | 1234 -> bytes (decimal units, as Hugging Face)."""
+  if isinstance(size, int):
+    return size
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.I)
+  if not m:
+    raise ValueError(f"cannot parse shard size {size!r}; use e.g. '5GB' or '500MB'")
+  unit = (m.group(2) or "B").upper()
+  mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+  return int(float(m.group(1)) * mult)
+
+
+def export_hf_folder(params: dict, cfg: QwenVLConfig, out_dir: str, dtype: str = "bfloat16",
+                     max_shard_size: int | str = "5GB", assets_dir: str | None = None,
+                     progress: Callable[[int], None] | None = None) -> list[str]:
+  """Write an official-layout Qwen-VL folder: safetensors shard(s) (+ index), config.json, and the
+  non-weight files of `assets_dir` (tokenizer, remote code) if given. Returns the weight file names."""
+  if dtype not in NP_DTYPES:
+    raise ValueError(f"unknown export dtype {dtype!r}; expected one of {sorted(NP_DTYPES)}")
+  os.makedirs(out_dir, exist_ok=True)
+  if assets_dir and os.path.isdir(assets_dir):
+    for name in sorted(os.listdir(assets_dir)):
+      src = os.path.join(assets_dir, name)
+      if os.path.isfile(src) and not WEIGHT_FILE.match(name) and name != "config.json":
+        shutil.copy2(src, os.path.join(out_dir, name))
+  tensors, sizes = hf_tensors(params, cfg, dtype)
+
+  def counted():
+    for name, arr in tensors:
+      yield name, arr
+      if progress is not None:
+        progress(arr.nbytes)
+
+  files = write_sharded_safetensors(counted(), sizes, out_dir, parse_size(max_shard_size))
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(to_hf_dict(cfg, torch_dtype=dtype), f, indent=2)
+  return files

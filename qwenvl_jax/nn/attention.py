@@ -1,0 +1,85 @@
+"""Attention masks, the KV cache, and the attention kernel call.
+
+Masks are boolean [B, 1, S, T] (True = may attend), built once per forward and shared by all layers:
+  query i (cache slot q_slot[i]) may see key slot t  iff  t <= q_slot[i]  (causal)
+                                                     and key_valid[t]     (padding / unfilled cache)
+                                                     and segment[t] == segment[i]  (packed samples)
+"""
+
+from __future__ import annotations
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qwenvl_jax.nn.layers import dense
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Decoder KV cache; every row's tokens sit at the same slots (prompts are left-padded).
+
+  k, v:   [L, B, T, H, Dh]  keys after RoPE, values
+  valid:  [B, T] bool       slot holds a real (non-padding) token
+  length: [] int32          number of slots filled so far (same for all rows)
+  """
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  length: jax.Array
+
+  @classmethod
+  def empty(cls, num_layers: int, batch: int, max_len: int, heads: int, head_dim: int, dtype) -> "KVCache":
+    shape = (num_layers, batch, max_len, heads, head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               valid=jnp.zeros((batch, max_len), bool), length=jnp.zeros((), jnp.int32))
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+
+def attention_mask(q_slots: jax.Array, key_valid: jax.Array, q_segments: jax.Array | None = None,
+                   k_segments: jax.Array | None = None) -> jax.Array:
+  """q_slots: [B, S] int slot index of each query; key_valid: [B, T] bool -> mask [B, 1, S, T]."""
+  t = jnp.arange(key_valid.shape[1])
+  mask = (t[None, None, :] <= q_slots[:, :, None]) & key_valid[:, None, :]
+  if q_segments is not None:
+    mask &= q_segments[:, :, None] == k_segments[:, None, :]
+  return mask[:, None]
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                          scale: float | None = None) -> jax.Array:
+  """q: [B, S, H, Dh], k/v: [B, T, H, Dh], mask: [B, 1, S, T] bool or None -> [B, S, H, Dh].
+
+  Scores and softmax in float32 (jax.nn.dot_product_attention does so for low-precision inputs); XLA may
+  pick a fused kernel on TPU/GPU.
+  """
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+
+
+class MultiHeadAttention(nn.Module):
+  """Plain multi-head attention with biased q/k/v/out projections (ViT blocks, resampler).
+
+  Kernels: q/k/v [in, heads, head_dim] named (in_axis, heads_axis, 'kv'); out [heads, head_dim, out].
+  """
+  heads: int
+  head_dim: int
+  out_features: int
+  in_axis: str
+  heads_axis: str
+  out_axis: str
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_q: jax.Array, x_k: jax.Array, x_v: jax.Array, mask: jax.Array | None = None):
+    """x_q: [B, S, Din], x_k/x_v: [B, T, Din] -> [B, S, out_features]."""
+    def proj(name, x):
+      return dense((self.heads, self.head_dim), (self.in_axis, self.heads_axis, "kv"), name=name,
+                   use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    out = dot_product_attention(proj("q", x_q), proj("k", x_k), proj("v", x_v), mask)
+    return dense(self.out_features, (self.heads_axis, "kv", self.out_axis), name="out", use_bias=True,
+                 contract=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype)(out)

@@ -1,0 +1,110 @@
+"""Parameterised building blocks with logical axis names on every parameter.
+
+Logical names used across the project (mapped to mesh axes by `qwenvl_jax.sharding.LOGICAL_RULES`):
+  vocab, embed, heads, kv, mlp   decoder / resampler widths
+  vit_embed, vit_heads, vit_mlp  ViT widths (kept apart: the ViT is narrower and sharded differently)
+  queries, pos, patch            tables and the patch-embedding kernel (never sharded)
+  layers                         the stacked leading axis added by `nn.scan`
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+def dense(features: int | Sequence[int], axes: Sequence[str], *, name: str, use_bias: bool,
+          dtype, param_dtype, contract: int | Sequence[int] = -1,
+          kernel_init: Initializer = default_kernel_init) -> nn.DenseGeneral:
+  """`nn.DenseGeneral` whose kernel [*in, *out] and bias [*out] carry logical axis names.
+
+  `axes` names every kernel dimension (contracted ones first); the bias takes the output names.
+  """
+  n_out = 1 if isinstance(features, int) else len(features)
+  axes = tuple(axes)
+  return nn.DenseGeneral(
+      features=features, axis=contract, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-n_out:]),
+      name=name)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with float32 statistics (two-pass variance, as torch) and a learned scale and bias."""
+  epsilon: float = 1e-6
+  axis_name: str = "embed"
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+                       (d,), self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axis_name,)),
+                      (d,), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+  """Qwen RMSNorm: normalise in float32, cast back, then multiply by the weight."""
+  epsilon: float = 1e-6
+  axis_name: str = "embed"
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+                       (d,), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.epsilon)
+    return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def remat_policy(name: str):
+  """Config name -> `jax.checkpoint` policy (None = save nothing, i.e. full recompute)."""
+  policies = {
+      "full": None,
+      "dots_saveable": jax.checkpoint_policies.dots_saveable,
+      "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }
+  return policies[name]
+
+
+def apply_layers(block_cls: type[nn.Module], block_kwargs: dict, carry, broadcast: tuple = (),
+                 scanned=None, *, length: int, scan: bool, remat: str = "none"):
+  """Run `length` residual blocks in sequence; call from inside a parent's `nn.compact` method.
+
+  The block's signature is `block(carry, *broadcast, scanned_slice) -> (carry, per_layer_out)`.
+  `scanned` is a pytree whose leaves have a leading layer axis (e.g. the KV cache) or None;
+  `per_layer_out` comes back stacked the same way. With `scan=True` the blocks share one compiled
+  body under `nn.scan` and their parameters are stacked on a leading 'layers' axis (module name
+  `layers`); otherwise the blocks are `layers_0 .. layers_{n-1}`.
+  """
+  if remat != "none":
+    block_cls = nn.remat(block_cls, policy=remat_policy(remat), prevent_cse=not scan)
+  if scan:
+    stacked = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast,) * len(broadcast) + (0,), length=length,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    return stacked(**block_kwargs, name="layers")(carry, *broadcast, scanned)
+  outs = []
+  for i in range(length):
+    layer_in = None if scanned is None else jax.tree.map(lambda a: a[i], scanned)
+    carry, out = block_cls(**block_kwargs, name=f"layers_{i}")(carry, *broadcast, layer_in)
+    outs.append(out)
+  stacked_out = None if outs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+  return carry, stacked_out
