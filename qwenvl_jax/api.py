@@ -1,0 +1,179 @@
+"""Public API: load a model (HF folder or this project's checkpoint), run it, export it.
+
+    import qwenvl_jax as qv
+    model = qv.load(path, dtype="float32")
+    feats = model.encode_images(pixel_values)          # [N, 3, H, W] -> [N, n_queries, D]
+    logits = model.logits(input_ids, attention_mask=None, pixel_values=None)   # -> [B, S, vocab]
+    qv.export_hf(model, out_dir, dtype="bfloat16")
+    qv.count_params("qwen_vl_7b")
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwenvl_jax import checkpoint
+from qwenvl_jax.config import QwenVLConfig, get_config, load_hf_config
+from qwenvl_jax.convert.hf import export_hf_folder, import_hf_params
+from qwenvl_jax.convert.tensor_io import CheckpointError, checkpoint_files
+from qwenvl_jax.model import QwenVL, abstract_params, init_params
+from qwenvl_jax.model import count_params as _count_from_config
+
+
+def find_image_spans(input_ids: np.ndarray, cfg: QwenVLConfig) -> list[tuple[int, int, int]]:
+  """[(row, pos of <img>, pos of </img>)] in consumption order; raises ValueError on malformed spans."""
+  v = cfg.visual
+  spans = []
+  for b, row in enumerate(np.asarray(input_ids)):
+    starts = np.flatnonzero(row == v.image_start_id)
+    ends = np.flatnonzero(row == v.image_end_id)
+    if len(starts) != len(ends):
+      raise ValueError(f"row {b}: {len(starts)} <img> tokens but {len(ends)} </img> tokens")
+    for a, e in zip(starts, ends):
+      if e - a - 1 != v.n_queries:
+        raise ValueError(f"row {b}: image span <img>@{a} .. </img>@{e} holds {e - a - 1} tokens; "
+                         f"the model needs exactly {v.n_queries}")
+      spans.append((b, int(a), int(e)))
+    nxt = [s for s in starts[1:]]
+    if any(n < e for n, e in zip(nxt, ends[:-1])):
+      raise ValueError(f"row {b}: nested or unclosed <img> spans")
+  return spans
+
+
+class QwenVLModel:
+  """A Qwen-VL model with its parameters; methods accept and return numpy or jax arrays."""
+
+  def __init__(self, config: QwenVLConfig, params, assets_dir: str | None = None):
+    self.config = config
+    self.params = params
+    self.module = QwenVL(config)
+    self.assets_dir = assets_dir
+
+  @classmethod
+  def random(cls, config: str | QwenVLConfig = "qwen_vl_tiny", seed: int = 0, **overrides) -> "QwenVLModel":
+    cfg = get_config(config, **overrides)
+    return cls(cfg, jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(seed)))
+
+  # --- jitted entry points (compiled once per input shape) -------------------------------------------
+  @functools.cached_property
+  def _jit_images(self):
+    return jax.jit(lambda p, x: self.module.apply({"params": p}, x, method=QwenVL.encode_images))
+
+  @functools.cached_property
+  def _jit_vit(self):
+    return jax.jit(lambda p, x: self.module.apply({"params": p}, x, method=QwenVL.vit))
+
+  @functools.cached_property
+  def _jit_logits(self):
+    def f(p, ids, mask, pixels):
+      return self.module.apply({"params": p}, ids, attention_mask=mask, pixel_values=pixels)
+    return jax.jit(f)
+
+  # --- public methods ------------------------------------------------------------------------------
+  def _pixels(self, pixel_values) -> jax.Array:
+    x = jnp.asarray(pixel_values, jnp.float32)
+    p = self.config.visual.patch_size
+    if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % p or x.shape[3] % p:
+      raise ValueError(f"pixel_values must be [N, 3, H, W] with H, W multiples of {p}; got {tuple(x.shape)}")
+    return x
+
+  def vit_tokens(self, pixel_values) -> jax.Array:
+    """[N, 3, H, W] -> ViT trunk output [N, (H/p)*(W/p), width]."""
+    return self._jit_vit(self.params, self._pixels(pixel_values))
+
+  def encode_images(self, pixel_values) -> jax.Array:
+    """[N, 3, H, W] normalised pixels -> image features [N, n_queries, hidden_size]."""
+    return self._jit_images(self.params, self._pixels(pixel_values))
+
+  def logits(self, input_ids, attention_mask=None, pixel_values=None) -> jax.Array:
+    """input_ids [B, S] (+ attention_mask [B, S], pixel_values [N, 3, H, W]) -> logits [B, S, vocab].
+
+    Inference semantics of the official model: dynamic-NTK alpha from the padded length S and logn query
+    scaling beyond `seq_length` (when the config enables them). Positions count real tokens, so left- and
+    right-padded rows give the same logits as the unpadded row.
+    """
+    c = self.config
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"input_ids must be a [B, S] integer array; got shape {ids.shape} dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size):
+      raise ValueError(f"input_ids outside the vocabulary [0, {c.vocab_size})")
+    if ids.shape[1] > c.max_position_embeddings:
+      raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds max_position_embeddings "
+                       f"{c.max_position_embeddings}")
+    if attention_mask is None:
+      mask = np.ones(ids.shape, np.int32)
+    else:
+      mask = np.asarray(attention_mask)
+      if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+    spans = find_image_spans(ids, c)
+    pixels = None
+    if pixel_values is not None:
+      pixels = self._pixels(pixel_values)
+    n_images = 0 if pixels is None else pixels.shape[0]
+    if len(spans) != n_images:
+      raise ValueError(f"input_ids contain {len(spans)} image spans but {n_images} images were given")
+    return self._jit_logits(self.params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), pixels)
+
+  def save(self, path: str, overwrite: bool = False) -> None:
+    """Write this project's checkpoint (Orbax params + config + assets)."""
+    checkpoint.save(path, self.params, self.config, assets_from=self.assets_dir, overwrite=overwrite)
+
+
+def _dtype_overrides(dtype: str | None) -> dict:
+  return {} if dtype is None else {"param_dtype": dtype, "dtype": dtype}
+
+
+def load(path: str, dtype: str | None = "float32", progress: bool = False, **overrides) -> QwenVLModel:
+  """Load an HF Qwen-VL folder (safetensors or pytorch_model*.bin) or this project's checkpoint.
+
+  dtype: parameter and compute dtype ('float32' | 'bfloat16' | None = keep the checkpoint's for ours).
+  overrides: QwenVLConfig fields (e.g. scan_layers=False, use_logn_attn=False).
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint path {path} does not exist")
+  if checkpoint.is_checkpoint(path):
+    cfg = checkpoint.load_config(path).replace(**_dtype_overrides(dtype), **overrides)
+    params = checkpoint.load(path, abstract_params(cfg))
+    return QwenVLModel(cfg, params, assets_dir=checkpoint.assets_dir(path))
+  try:
+    checkpoint_files(path)
+  except CheckpointError:
+    raise CheckpointError(f"{path} is neither a Hugging Face Qwen-VL folder (config.json + model weights) "
+                          f"nor a qwenvl_jax checkpoint ({checkpoint.CONFIG_FILE} + params/)") from None
+  cfg = load_hf_config(path, **_dtype_overrides(dtype or "float32"), **overrides)
+  bar = _progress_bar(path) if progress else None
+  params = import_hf_params(path, cfg, abstract_params(cfg), dtype=cfg.param_dtype,
+                            progress=bar.update if bar else None)
+  if bar:
+    bar.close()
+  params = jax.tree.map(jnp.asarray, params)
+  return QwenVLModel(cfg, params, assets_dir=path)
+
+
+def export_hf(model: QwenVLModel, out_dir: str, dtype: str = "bfloat16", max_shard_size: int | str = "5GB",
+              progress: bool = False) -> list[str]:
+  """Write `model` as an official Qwen-VL folder (sharded safetensors + index + config.json; plus the
+  tokenizer/remote-code files when the model was loaded from a folder that had them)."""
+  bar = _progress_bar(out_dir, desc="export") if progress else None
+  files = export_hf_folder(model.params, model.config, out_dir, dtype=dtype, max_shard_size=max_shard_size,
+                           assets_dir=model.assets_dir, progress=bar.update if bar else None)
+  if bar:
+    bar.close()
+  return files
+
+
+def count_params(config: str | QwenVLConfig) -> int:
+  """Parameter count of a named config or a QwenVLConfig, from shapes alone (nothing is allocated)."""
+  return _count_from_config(get_config(config))
+
+
+def _progress_bar(path: str, desc: str = "import"):
+  from tqdm import tqdm
+  return tqdm(desc=f"{desc} {os.path.basename(os.path.normpath(path))}", unit="B", unit_scale=True)

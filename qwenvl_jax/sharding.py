@@ -1,0 +1,65 @@
+"""Mesh construction and the one table that maps logical axis names to mesh axes.
+
+Mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism with parameters and optimizer state
+sharded), `tensor` (Megatron-style tensor parallelism over heads / MLP / vocab).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    # decoder / resampler parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("embed_out", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    # ViT parameters
+    ("vit_embed", "fsdp"),
+    ("vit_heads", "tensor"),
+    ("vit_mlp", "tensor"),
+    # small tables and the stacked layer axis: replicated
+    ("queries", None),
+    ("pos", None),
+    ("patch_h", None),
+    ("patch_w", None),
+    ("channels", None),
+    ("layers", None),
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axis types; one size may be -1 (= all remaining devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1:
+    raise ValueError("at most one mesh axis size may be -1")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices cannot be split into mesh {sizes}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                     f"have {len(devices)}")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_sharding(boxed_tree, mesh: Mesh, rules=LOGICAL_RULES):
+  """Tree of boxed (logically partitioned) values or ShapeDtypeStructs -> tree of NamedSharding."""
+  logical_specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())

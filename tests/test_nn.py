@@ -1,0 +1,107 @@
+"""Building blocks against independent references (torch for bicubic, numpy for norms, official formulas)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from qwenvl_jax.model import splice_images
+from qwenvl_jax.nn.attention import attention_mask
+from qwenvl_jax.nn.layers import LayerNorm, RMSNorm
+from qwenvl_jax.nn.resize import bicubic_matrix, resize_square_table, sincos_2d
+from qwenvl_jax.nn.rotary import apply_rope, inv_frequencies, logn_scale, ntk_alpha
+
+
+@pytest.mark.parametrize("n_in,n_out", [(16, 32), (16, 8), (16, 4), (16, 37), (7, 16)])
+def test_bicubic_matches_torch(n_in, n_out):
+  x = np.random.default_rng(0).normal(size=(n_in * n_in, 5)).astype(np.float32)
+  ref = torch.nn.functional.interpolate(torch.from_numpy(x.reshape(1, n_in, n_in, 5)).permute(0, 3, 1, 2),
+                                        size=(n_out, n_out), mode="bicubic", align_corners=False)
+  ref = ref.permute(0, 2, 3, 1).reshape(n_out * n_out, 5).numpy()
+  got = np.asarray(resize_square_table(jnp.asarray(x), n_out * n_out))
+  # torch evaluates the taps with fused multiply-adds in another order: a few float32 ulps apart
+  np.testing.assert_allclose(got, ref, atol=5e-6)
+
+
+def test_bicubic_rows_sum_to_one():
+  np.testing.assert_allclose(bicubic_matrix(16, 32).sum(1), 1.0, atol=1e-6)
+
+
+def test_vit_and_key_position_tables_match_official(fixture_tensors, case):
+  c = case("batch")
+  pos = fixture_tensors["transformer.visual.positional_embedding"].astype(np.float32)
+  np.testing.assert_allclose(np.asarray(resize_square_table(pos, 64)), c["vit_pos_embed"], atol=1e-6)
+  table = fixture_tensors["transformer.visual.attn_pool.pos_embed"]
+  np.testing.assert_array_equal(sincos_2d(256, 4), table)  # fresh table == checkpoint, bit for bit
+  np.testing.assert_allclose(np.asarray(resize_square_table(table, 64)), c["resampler_key_pos_embed"], atol=1e-6)
+
+
+@pytest.mark.parametrize("n,alpha", [(1, 1), (64, 1), (65, 3), (100, 3), (128, 3), (129, 7), (256, 7), (257, 15)])
+def test_ntk_alpha_formula(n, alpha):
+  assert ntk_alpha(n, 64) == alpha
+
+
+def test_logn_scale_matches_official_table(case):
+  for name, key in (("long", "logn_scale"), ("long", "cont_logn_scale"), ("boundary", "logn_scale")):
+    ref = case(name)[key]
+    got = np.asarray(logn_scale(jnp.arange(len(ref))[None], 64))[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    assert (got[:64] == 1).all() and (got[64:] > 1).all()
+
+
+def test_rope_rotate_half_reference():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(2, 5, 3, 8)).astype(np.float32)
+  pos = np.tile(np.arange(5), (2, 1))
+  inv = 1.0 / 10000 ** (np.arange(0, 8, 2) / 8)
+  ang = np.concatenate([pos[..., None] * inv] * 2, -1)[:, :, None]
+  rot = np.concatenate([-x[..., 4:], x[..., :4]], -1)
+  ref = x * np.cos(ang) + rot * np.sin(ang)
+  got = apply_rope(jnp.asarray(x), jnp.asarray(pos), inv_frequencies(8, 10000.0))
+  np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5)
+  # NTK alpha enlarges the base: base' = base * alpha ** (d / (d - 2))
+  np.testing.assert_allclose(np.asarray(inv_frequencies(8, 10000.0, 3.0)),
+                             1.0 / (10000 * 3 ** (8 / 6)) ** (np.arange(0, 8, 2) / 8), rtol=1e-6)
+
+
+def test_norms_match_numpy():
+  x = np.random.default_rng(2).normal(3.0, 2.0, size=(4, 16)).astype(np.float32)
+  ln = LayerNorm(1e-6)
+  p = ln.init(jax.random.key(0), x)
+  ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(np.asarray(ln.apply(p, x)), ref, atol=1e-5)
+  rms = RMSNorm(1e-6)
+  p = rms.init(jax.random.key(0), x)
+  np.testing.assert_allclose(np.asarray(rms.apply(p, x)), x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6),
+                             atol=1e-5)
+
+
+def test_attention_mask_causal_padding_segments():
+  slots = jnp.arange(4)[None]
+  valid = jnp.array([[True, True, True, False]])
+  seg = jnp.array([[1, 1, 2, 0]])
+  m = np.asarray(attention_mask(slots, valid, seg, seg))[0, 0]
+  expected = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]], bool)
+  np.testing.assert_array_equal(m, expected)
+
+
+def test_splice_images_batch_major_any_count():
+  """Image k (counted row by row) fills the slots between the k-th <img> and </img>; tags keep embeddings."""
+  start, end, q, d = 50, 51, 3, 4
+  ids = np.array([[1, start, 9, 9, 9, end, 2, start, 9, 9, 9, end],
+                  [3, 4, 5, 6, 7, 8, 1, 2, 3, 4, 5, 6],
+                  [start, 9, 9, 9, end, 7, 7, 7, 7, 7, 7, 7]])
+  emb = np.random.default_rng(3).normal(size=ids.shape + (d,)).astype(np.float32)
+  feats = np.random.default_rng(4).normal(size=(4, q, d)).astype(np.float32)  # one spare image: ignored
+  got = np.asarray(splice_images(jnp.asarray(emb), jnp.asarray(ids), jnp.asarray(feats), start, end))
+  ref = emb.copy()
+  k = 0
+  for b in range(ids.shape[0]):
+    for a in np.flatnonzero(ids[b] == start):
+      ref[b, a + 1:a + 1 + q] = feats[k]
+      k += 1
+  np.testing.assert_array_equal(got, ref)
+  assert k == 3
