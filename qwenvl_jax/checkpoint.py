@@ -2,8 +2,12 @@
 
 Layout of a checkpoint folder:
     qwenvl_config.json   the QwenVLConfig (dtype fields included)
-    params/              Orbax StandardCheckpointer tree (nested dict of arrays)
+    params/groups.json   which parameters (slash-joined paths) each group holds
+    params/NNN/          one Orbax StandardCheckpointer tree per group (nested dicts, full paths)
     assets/              optional: tokenizer and other non-weight files carried over from an HF folder
+
+Parameters are written in groups of about `GROUP_BYTES` because an Orbax save holds a transient copy of
+what it writes: one group at a time keeps the peak near the model size (bench/convert_rss.py).
 """
 
 from __future__ import annotations
@@ -19,6 +23,37 @@ import orbax.checkpoint as ocp
 from qwenvl_jax.config import QwenVLConfig, as_dtype, from_json_dict, to_json_dict
 
 CONFIG_FILE = "qwenvl_config.json"
+GROUP_BYTES = 1 << 30
+
+
+def _flatten(tree, prefix=()):
+  out = {}
+  for k, v in tree.items():
+    out.update(_flatten(v, prefix + (k,)) if isinstance(v, dict) else {prefix + (k,): v})
+  return out
+
+
+def _unflatten(flat):
+  tree = {}
+  for path, v in flat.items():
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return tree
+
+
+def _groups(flat: dict, max_bytes: int) -> list[list[tuple]]:
+  """Consecutive parameters packed into groups of at most max_bytes (a larger parameter is alone)."""
+  groups, used = [[]], 0
+  for path, x in flat.items():
+    n = int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+    if groups[-1] and used + n > max_bytes:
+      groups.append([])
+      used = 0
+    groups[-1].append(path)
+    used += n
+  return groups
 
 
 def is_checkpoint(path: str) -> bool:
@@ -34,10 +69,18 @@ def save(path: str, params, cfg: QwenVLConfig, assets_from: str | None = None, o
     if not overwrite and os.listdir(path):
       raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True / --overwrite)")
     shutil.rmtree(path)
-  os.makedirs(path)
+  os.makedirs(os.path.join(path, "params"))
+  flat = _flatten(params)
+  groups = _groups(flat, GROUP_BYTES)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(path, "params"), params)
-    ckptr.wait_until_finished()
+    for i, group in enumerate(groups):
+      # jax arrays: on CPU device_put of a numpy array aliases it, and Orbax copies jax arrays less
+      sub = _unflatten({p: jax.device_put(flat[p]) if isinstance(flat[p], np.ndarray) else flat[p] for p in group})
+      ckptr.save(os.path.join(path, "params", f"{i:03d}"), sub)
+      ckptr.wait_until_finished()
+      del sub
+  with open(os.path.join(path, "params", "groups.json"), "w") as f:
+    json.dump([["/".join(p) for p in g] for g in groups], f)
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
     json.dump(to_json_dict(cfg), f, indent=2)
   if assets_from and os.path.isdir(assets_from):
@@ -67,12 +110,27 @@ def load(path: str, abstract, dtype: str | None = None, shardings=None):
   target = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, as_dtype(dtype) if dtype else x.dtype, sharding=s),
       abstract, shardings)
+  flat_target = _flatten(target)
+  try:
+    with open(os.path.join(path, "params", "groups.json")) as f:
+      groups = [[tuple(p.split("/")) for p in g] for g in json.load(f)]
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: unreadable params/groups.json ({e})") from None
+  stored = {p for g in groups for p in g}
+  if stored != set(flat_target):
+    missing = sorted("/".join(p) for p in set(flat_target) - stored)[:5]
+    extra = sorted("/".join(p) for p in stored - set(flat_target))[:5]
+    raise ValueError(f"{path}: checkpoint does not match its config (missing {missing}, unexpected {extra})")
+  out = {}
   with ocp.StandardCheckpointer() as ckptr:
-    try:
-      return ckptr.restore(os.path.join(path, "params"), target)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise ValueError(f"{path}: checkpoint does not match its config ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:300]})") from None
+    for i, group in enumerate(groups):
+      try:
+        sub = ckptr.restore(os.path.join(path, "params", f"{i:03d}"), _unflatten({p: flat_target[p] for p in group}))
+      except (ValueError, KeyError, FileNotFoundError) as e:
+        raise ValueError(f"{path}: checkpoint group {i:03d} does not match its config ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300]})") from None
+      out.update(_flatten(sub))
+  return _unflatten(out)
 
 
 def assets_dir(path: str) -> str | None:

@@ -197,7 +197,9 @@ def to_hf_dict(cfg: QwenVLConfig, torch_dtype: str = "bfloat16") -> dict:
       "attn_dropout_prob": 0.0, "emb_dropout_prob": 0.0, "initializer_range": 0.02,
       "scale_attn_weights": True, "tie_word_embeddings": False, "tokenizer_type": "QWenTokenizer",
       "use_cache": True, "use_flash_attn": False,
-      "bf16": torch_dtype == "bfloat16", "fp16": torch_dtype == "float16", "fp32": torch_dtype == "float32",
+      # all three false = the official code picks bf16/fp16/fp32 from the hardware (as the released
+      # checkpoints do); a true flag would force that precision even when torch_dtype asks otherwise
+      "bf16": False, "fp16": False, "fp32": False,
       "torch_dtype": torch_dtype,
   }
   for k in _HF_DECODER_KEYS:

@@ -46,6 +46,15 @@ def unflatten(flat: dict[tuple, object]) -> dict:
   return tree
 
 
+def aligned_empty(shape, dtype, alignment: int = 64) -> np.ndarray:
+  """np.empty whose data pointer is `alignment`-byte aligned, so that jax on CPU can alias it, not copy it."""
+  dtype = np.dtype(dtype)
+  n = int(np.prod(shape)) * dtype.itemsize
+  raw = np.empty(n + alignment, np.uint8)
+  start = -raw.ctypes.data % alignment
+  return raw[start:start + n].view(dtype).reshape(shape)
+
+
 def _short_list(names, n=8) -> str:
   names = sorted(names)
   more = f" ... (+{len(names) - n} more)" if len(names) > n else ""
@@ -99,7 +108,7 @@ def import_hf_params(folder: str, cfg: QwenVLConfig, abstract: dict, dtype: str 
                               f"({'/'.join(tree_path)} expects {want})")
       buf = buffers.get(tree_path)
       if buf is None:
-        buf = buffers[tree_path] = np.empty(full, np_dtype)
+        buf = buffers[tree_path] = aligned_empty(full, np_dtype)
       if idx is None:
         buf[...] = outs[k]
       else:
