@@ -19,28 +19,12 @@ import shutil
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from qwenvl_jax.config import QwenVLConfig, as_dtype, from_json_dict, to_json_dict
 
 CONFIG_FILE = "qwenvl_config.json"
 GROUP_BYTES = 1 << 30
-
-
-def _flatten(tree, prefix=()):
-  out = {}
-  for k, v in tree.items():
-    out.update(_flatten(v, prefix + (k,)) if isinstance(v, dict) else {prefix + (k,): v})
-  return out
-
-
-def _unflatten(flat):
-  tree = {}
-  for path, v in flat.items():
-    node = tree
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return tree
 
 
 def _groups(flat: dict, max_bytes: int) -> list[list[tuple]]:
@@ -70,12 +54,12 @@ def save(path: str, params, cfg: QwenVLConfig, assets_from: str | None = None, o
       raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True / --overwrite)")
     shutil.rmtree(path)
   os.makedirs(os.path.join(path, "params"))
-  flat = _flatten(params)
+  flat = flatten_dict(params)
   groups = _groups(flat, GROUP_BYTES)
   with ocp.StandardCheckpointer() as ckptr:
     for i, group in enumerate(groups):
       # jax arrays: on CPU device_put of a numpy array aliases it, and Orbax copies jax arrays less
-      sub = _unflatten({p: jax.device_put(flat[p]) if isinstance(flat[p], np.ndarray) else flat[p] for p in group})
+      sub = unflatten_dict({p: jax.device_put(flat[p]) if isinstance(flat[p], np.ndarray) else flat[p] for p in group})
       ckptr.save(os.path.join(path, "params", f"{i:03d}"), sub)
       ckptr.wait_until_finished()
       del sub
@@ -110,7 +94,7 @@ def load(path: str, abstract, dtype: str | None = None, shardings=None):
   target = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, as_dtype(dtype) if dtype else x.dtype, sharding=s),
       abstract, shardings)
-  flat_target = _flatten(target)
+  flat_target = flatten_dict(target)
   try:
     with open(os.path.join(path, "params", "groups.json")) as f:
       groups = [[tuple(p.split("/")) for p in g] for g in json.load(f)]
@@ -125,12 +109,12 @@ def load(path: str, abstract, dtype: str | None = None, shardings=None):
   with ocp.StandardCheckpointer() as ckptr:
     for i, group in enumerate(groups):
       try:
-        sub = ckptr.restore(os.path.join(path, "params", f"{i:03d}"), _unflatten({p: flat_target[p] for p in group}))
+        sub = ckptr.restore(os.path.join(path, "params", f"{i:03d}"), unflatten_dict({p: flat_target[p] for p in group}))
       except (ValueError, KeyError, FileNotFoundError) as e:
         raise ValueError(f"{path}: checkpoint group {i:03d} does not match its config ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:300]})") from None
-      out.update(_flatten(sub))
-  return _unflatten(out)
+      out.update(flatten_dict(sub))
+  return unflatten_dict(out)
 
 
 def assets_dir(path: str) -> str | None:

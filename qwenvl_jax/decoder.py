@@ -51,7 +51,7 @@ class SelfAttention(nn.Module):
       v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), io.cache_start, axis=1)
       new_cache = (k, v)
     out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), io.mask)
-    out = dense(c.hidden_size, ("heads", "kv", "embed"), name="o", use_bias=not c.no_bias, contract=(-2, -1),
+    out = dense(c.hidden_size, ("heads", "kv", "embed"), name="o", use_bias=not c.no_bias, contract=2,
                 **kw)(out)
     return out, new_cache
 

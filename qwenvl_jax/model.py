@@ -97,6 +97,9 @@ class QwenVL(nn.Module):
       image_features = self.encode_images(pixel_values)
     if image_features is not None:
       x = splice_images(x, input_ids, image_features, c.visual.image_start_id, c.visual.image_end_id)
+    # Constrain at the block boundary: left to propagation, the splice's sharding (image features come out
+    # split over 'tensor') gave wrong logits under jax.set_mesh on jax 0.10.2 (tests/sharded_forward.py).
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     if cache is None:
       q_slots = jnp.broadcast_to(jnp.arange(s), (b, s))

@@ -37,7 +37,7 @@ def main(fixture_dir):
   def forward(p, ids, mask, pixels):
     return model.module.apply({"params": p}, ids, attention_mask=mask, pixel_values=pixels)
 
-  with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
     sharded = np.asarray(forward(params, jax.device_put(ids, batch), jax.device_put(mask, batch),
                                  jax.device_put(pixels, replicated(mesh))))
   leaves = jax.tree.leaves(params)

@@ -16,6 +16,8 @@ from typing import Callable, Iterator
 import jax
 import ml_dtypes
 import numpy as np
+from flax.traverse_util import flatten_dict as flatten
+from flax.traverse_util import unflatten_dict as unflatten
 
 from qwenvl_jax.config import QwenVLConfig, to_hf_dict
 from qwenvl_jax.convert import qwen_vl
@@ -24,26 +26,6 @@ from qwenvl_jax.convert.tensor_io import (CheckpointError, checkpoint_keys, iter
 
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 WEIGHT_FILE = re.compile(r"^(model.*\.safetensors|pytorch_model.*\.bin)(\.index\.json)?$")
-
-
-def flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, object]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def unflatten(flat: dict[tuple, object]) -> dict:
-  tree: dict = {}
-  for path, v in flat.items():
-    node = tree
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return tree
 
 
 def aligned_empty(shape, dtype, alignment: int = 64) -> np.ndarray:

@@ -82,4 +82,4 @@ class MultiHeadAttention(nn.Module):
                    use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)(x)
     out = dot_product_attention(proj("q", x_q), proj("k", x_k), proj("v", x_v), mask)
     return dense(self.out_features, (self.heads_axis, "kv", self.out_axis), name="out", use_bias=True,
-                 contract=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype)(out)
+                 contract=2, dtype=self.dtype, param_dtype=self.param_dtype)(out)

@@ -19,20 +19,40 @@ Initializer = Callable[..., jax.Array]
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
-def dense(features: int | Sequence[int], axes: Sequence[str], *, name: str, use_bias: bool,
-          dtype, param_dtype, contract: int | Sequence[int] = -1,
-          kernel_init: Initializer = default_kernel_init) -> nn.DenseGeneral:
-  """`nn.DenseGeneral` whose kernel [*in, *out] and bias [*out] carry logical axis names.
+class Dense(nn.Module):
+  """y = x . kernel (+ bias), contracting the last `contract` dims of x.
 
-  `axes` names every kernel dimension (contracted ones first); the bias takes the output names.
+  kernel: [*x.shape[-contract:], *features] with logical names `axes`; bias: [*features] with the output names.
+  (Flax's DenseGeneral initialises multi-dim kernels through a flattened shape, which breaks logical
+  sharding constraints under a mesh; this one initialises the real shape.)
   """
-  n_out = 1 if isinstance(features, int) else len(features)
-  axes = tuple(axes)
-  return nn.DenseGeneral(
-      features=features, axis=contract, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-n_out:]),
-      name=name)
+  features: tuple[int, ...]
+  axes: tuple[str, ...]
+  contract: int = 1
+  use_bias: bool = True
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  kernel_init: Initializer = default_kernel_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = tuple(x.shape[-self.contract:]) + tuple(self.features)
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes), shape,
+                        self.param_dtype)
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.contract)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                             self.axes[-len(self.features):]),
+                        tuple(self.features), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def dense(features: int | Sequence[int], axes: Sequence[str], *, name: str, use_bias: bool,
+          dtype, param_dtype, contract: int = 1, kernel_init: Initializer = default_kernel_init) -> Dense:
+  """A `Dense` layer; `axes` names every kernel dimension (contracted ones first)."""
+  features = (features,) if isinstance(features, int) else tuple(features)
+  return Dense(features, tuple(axes), contract, use_bias, dtype, param_dtype, kernel_init, name=name)
 
 
 class LayerNorm(nn.Module):
