@@ -34,14 +34,13 @@ def find_image_spans(input_ids: np.ndarray, cfg: QwenVLConfig) -> list[tuple[int
     ends = np.flatnonzero(row == v.image_end_id)
     if len(starts) != len(ends):
       raise ValueError(f"row {b}: {len(starts)} <img> tokens but {len(ends)} </img> tokens")
-    for a, e in zip(starts, ends):
+    for k, (a, e) in enumerate(zip(starts, ends)):
+      if e < a or (k + 1 < len(starts) and starts[k + 1] < e):
+        raise ValueError(f"row {b}: nested or unbalanced <img> / </img> tokens")
       if e - a - 1 != v.n_queries:
         raise ValueError(f"row {b}: image span <img>@{a} .. </img>@{e} holds {e - a - 1} tokens; "
                          f"the model needs exactly {v.n_queries}")
       spans.append((b, int(a), int(e)))
-    nxt = [s for s in starts[1:]]
-    if any(n < e for n, e in zip(nxt, ends[:-1])):
-      raise ValueError(f"row {b}: nested or unclosed <img> spans")
   return spans
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from qwenvl_jax.adapters import Resampler
 from qwenvl_jax.config import QwenVLConfig, as_dtype
 from qwenvl_jax.decoder import Decoder, StepInputs
-from qwenvl_jax.nn.attention import KVCache, attention_mask
+from qwenvl_jax.nn.attention import KVCache, make_attention_mask
 from qwenvl_jax.nn.layers import dense
 from qwenvl_jax.nn.rotary import inv_frequencies, logn_scale, ntk_alpha
 from qwenvl_jax.vision import VisionTransformer
@@ -91,7 +91,8 @@ class QwenVL(nn.Module):
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
       if cache is not None:
-        positions = positions + cache_positions_offset(cache)
+        # continue after the real tokens already cached in each row
+        positions = positions + jnp.sum(cache.valid, axis=1, keepdims=True)
     x = self.wte(input_ids)
     if pixel_values is not None:
       image_features = self.encode_images(pixel_values)
@@ -103,13 +104,13 @@ class QwenVL(nn.Module):
 
     if cache is None:
       q_slots = jnp.broadcast_to(jnp.arange(s), (b, s))
-      mask = attention_mask_from(q_slots, valid, segment_ids)
+      mask = make_attention_mask(q_slots, valid, segment_ids, segment_ids)
       cache_start, key_len = None, s
     else:
       cache_start = cache.length
       q_slots = jnp.broadcast_to(cache_start + jnp.arange(s), (b, s))
       key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache_start, axis=1)
-      mask = attention_mask_from(q_slots, key_valid, None)
+      mask = make_attention_mask(q_slots, key_valid)
       key_len = s  # a prefill: the official alpha comes from the new tokens' count
 
     use_ntk = inference and c.use_dynamic_ntk
@@ -126,15 +127,6 @@ class QwenVL(nn.Module):
       return out
     new_cache = KVCache(k=new_kv[0], v=new_kv[1], valid=key_valid, length=cache.length + s)
     return out, new_cache
-
-
-def attention_mask_from(q_slots, key_valid, segment_ids):
-  return attention_mask(q_slots, key_valid, segment_ids, segment_ids)
-
-
-def cache_positions_offset(cache: KVCache) -> jax.Array:
-  """[B, 1] number of real tokens already in the cache for each row (positions continue from there)."""
-  return jnp.sum(cache.valid, axis=1, keepdims=True)
 
 
 def _init_inputs(cfg: QwenVLConfig):

@@ -92,6 +92,7 @@ def _span(n_slots=16, start=300):
     ([[1, 2, 3]], 1, "0 image spans but 1 images"),
     ([[1] + _span(15) + [3]], 1, "holds 15 tokens; the model needs exactly 16"),
     ([[1, 300, 2, 3]], 1, "1 <img> tokens but 0 </img>"),
+    ([[1, 301] + _span()[1:-1] + [300, 3]], 1, "nested or unbalanced"),
     ([[1, 2, 320]], 0, r"outside the vocabulary \[0, 320\)"),
     ([[1] * 513], 0, "513 tokens exceeds max_position_embeddings 512"),
     ([1, 2, 3], 0, r"must be a \[B, S\] integer array"),

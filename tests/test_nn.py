@@ -1,6 +1,5 @@
 """Building blocks against independent references (torch for bicubic, numpy for norms, official formulas)."""
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +8,7 @@ import pytest
 import torch
 
 from qwenvl_jax.model import splice_images
-from qwenvl_jax.nn.attention import attention_mask
+from qwenvl_jax.nn.attention import make_attention_mask
 from qwenvl_jax.nn.layers import LayerNorm, RMSNorm
 from qwenvl_jax.nn.resize import bicubic_matrix, resize_square_table, sincos_2d
 from qwenvl_jax.nn.rotary import apply_rope, inv_frequencies, logn_scale, ntk_alpha
@@ -83,7 +82,7 @@ def test_attention_mask_causal_padding_segments():
   slots = jnp.arange(4)[None]
   valid = jnp.array([[True, True, True, False]])
   seg = jnp.array([[1, 1, 2, 0]])
-  m = np.asarray(attention_mask(slots, valid, seg, seg))[0, 0]
+  m = np.asarray(make_attention_mask(slots, valid, seg, seg))[0, 0]
   expected = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]], bool)
   np.testing.assert_array_equal(m, expected)
 

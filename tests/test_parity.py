@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from greedy import greedy_decode
+
 from qwenvl_jax.model import QwenVL
 
 TOL = 1e-4

@@ -21,8 +21,7 @@ from flax.traverse_util import unflatten_dict as unflatten
 
 from qwenvl_jax.config import QwenVLConfig, to_hf_dict
 from qwenvl_jax.convert import qwen_vl
-from qwenvl_jax.convert.tensor_io import (CheckpointError, checkpoint_keys, iter_checkpoint,
-                                          write_sharded_safetensors)
+from qwenvl_jax.convert.tensor_io import CheckpointError, checkpoint_keys, iter_checkpoint, write_sharded_safetensors
 
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 WEIGHT_FILE = re.compile(r"^(model.*\.safetensors|pytorch_model.*\.bin)(\.index\.json)?$")

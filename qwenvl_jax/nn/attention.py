@@ -40,7 +40,7 @@ class KVCache:
     return self.k.shape[2]
 
 
-def attention_mask(q_slots: jax.Array, key_valid: jax.Array, q_segments: jax.Array | None = None,
+def make_attention_mask(q_slots: jax.Array, key_valid: jax.Array, q_segments: jax.Array | None = None,
                    k_segments: jax.Array | None = None) -> jax.Array:
   """q_slots: [B, S] int slot index of each query; key_valid: [B, T] bool -> mask [B, 1, S, T]."""
   t = jnp.arange(key_valid.shape[1])
