@@ -26,19 +26,27 @@ def splice_images(embeds: jax.Array, input_ids: jax.Array, features: jax.Array, 
                   end_id: int) -> jax.Array:
   """Overwrite image-slot embeddings with image features.
 
-  embeds: [B, S, D]; input_ids: [B, S]; features: [N, Q, D] in consumption order (batch-major). Spans must be
-  well formed (checked on the host by `qwenvl_jax.api.find_image_spans`); extra features are ignored.
+  embeds: [B, S, D]; input_ids: [B, S]. features: [N, Q, D] consumed batch-major (image k fills the k-th span
+  counted row by row), or [B, M, Q, D] with M image slots per row (packed rows: row b's k-th span takes
+  features[b, k]). Spans must be well formed (checked on the host by `qwenvl_jax.api.find_image_spans`);
+  unused features are ignored.
   """
   b, s = input_ids.shape
-  n, q = features.shape[:2]
   is_start = input_ids == start_id
   depth = jnp.cumsum(is_start, axis=1) - jnp.cumsum(input_ids == end_id, axis=1)
   inside = (depth > 0) & ~is_start
-  image_index = jnp.cumsum(is_start.reshape(-1)).reshape(b, s) - 1
   t = jnp.arange(s)
   last_start = jax.lax.cummax(jnp.where(is_start, t, -1), axis=1)
-  slot = t - last_start - 1
-  picked = features[jnp.clip(image_index, 0, n - 1), jnp.clip(slot, 0, q - 1)]
+  q = features.shape[-2]
+  slot = jnp.clip(t - last_start - 1, 0, q - 1)
+  if features.ndim == 4:
+    m = features.shape[1]
+    image_index = jnp.clip(jnp.cumsum(is_start, axis=1) - 1, 0, m - 1)
+    picked = features[jnp.arange(b)[:, None], image_index, slot]
+  else:
+    n = features.shape[0]
+    image_index = jnp.clip(jnp.cumsum(is_start.reshape(-1)).reshape(b, s) - 1, 0, n - 1)
+    picked = features[image_index, slot]
   return jnp.where(inside[..., None], picked.astype(embeds.dtype), embeds)
 
 
@@ -81,8 +89,8 @@ class QwenVL(nn.Module):
 
     attention_mask: [B, S] 1 = real token (default all real). positions: [B, S] RoPE positions (default
     cumsum(mask) - 1, so left padding does not shift a row). segment_ids: [B, S] packed-sample ids (no
-    attention across segments). Images come as `pixel_values` [N, 3, H, W] or precomputed `image_features`
-    [N, Q, D]. `inference=True` enables the official inference-only behaviours (dynamic NTK, logn) when the
+    attention across segments). Images come as `pixel_values` [N, 3, H, W] | [B, M, 3, H, W] or precomputed
+    `image_features` [N, Q, D] | [B, M, Q, D] (see `splice_images`). `inference=True` enables the official inference-only behaviours (dynamic NTK, logn) when the
     config enables them; `ntk_alpha_value` overrides the NTK alpha (cached decoding keeps the prefill's).
     """
     c = self.cfg
@@ -95,7 +103,11 @@ class QwenVL(nn.Module):
         positions = positions + jnp.sum(cache.valid, axis=1, keepdims=True)
     x = self.wte(input_ids)
     if pixel_values is not None:
-      image_features = self.encode_images(pixel_values)
+      if pixel_values.ndim == 5:  # [B, M, 3, H, W]: M image slots per (packed) row
+        feats = self.encode_images(pixel_values.reshape((-1,) + pixel_values.shape[2:]))
+        image_features = feats.reshape(pixel_values.shape[:2] + feats.shape[1:])
+      else:
+        image_features = self.encode_images(pixel_values)
     if image_features is not None:
       x = splice_images(x, input_ids, image_features, c.visual.image_start_id, c.visual.image_end_id)
     # Constrain at the block boundary: left to propagation, the splice's sharding (image features come out

@@ -104,3 +104,16 @@ def test_splice_images_batch_major_any_count():
       k += 1
   np.testing.assert_array_equal(got, ref)
   assert k == 3
+
+
+def test_splice_images_row_local_slots():
+  """[B, M, Q, D] features: row b's k-th span takes features[b, k] (packed rows with M image slots)."""
+  start, end, q, d = 50, 51, 2, 3
+  ids = np.array([[start, 9, 9, end, start, 9, 9, end], [1, 2, 3, 4, start, 9, 9, end]])
+  emb = np.zeros(ids.shape + (d,), np.float32)
+  feats = np.random.default_rng(5).normal(size=(2, 3, q, d)).astype(np.float32)  # 3 slots per row
+  got = np.asarray(splice_images(jnp.asarray(emb), jnp.asarray(ids), jnp.asarray(feats), start, end))
+  np.testing.assert_array_equal(got[0, 1:3], feats[0, 0])
+  np.testing.assert_array_equal(got[0, 5:7], feats[0, 1])
+  np.testing.assert_array_equal(got[1, 5:7], feats[1, 0])
+  assert (got[1, :4] == 0).all() and (got[:, [0, 3, 4, 7]][0] == 0).all()

@@ -1,0 +1,1 @@
+"""Data: tokenizers, conversation formats and loss masks, images, sources and the Grain pipeline."""

@@ -1,0 +1,56 @@
+"""Grounding boxes as text: `<ref>phrase</ref><box>(x1,y1),(x2,y2)</box>` with integers in [0, 1000).
+
+Pixel boxes (x1, y1, x2, y2) on a W x H image are normalised with floor(x / W * 1000) clamped to [0, 999];
+the inverse maps a normalised n back to n / 1000 * W pixels (the official Qwen-VL convention).
+"""
+
+from __future__ import annotations
+
+import re
+
+BOX_RE = re.compile(r"<box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>")
+REF_BOX_RE = re.compile(r"<ref>(.*?)</ref>\s*<box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>")
+
+
+class BoxError(ValueError):
+  """A box that does not fit its image."""
+
+
+def normalize_box(box, width: int, height: int, clip: bool = False) -> tuple[int, int, int, int]:
+  """Pixel (x1, y1, x2, y2) -> integers in [0, 1000). Raises BoxError for a box outside the image
+  (unless clip=True) or with x2 < x1 / y2 < y1."""
+  x1, y1, x2, y2 = (float(v) for v in box)
+  if x2 < x1 or y2 < y1:
+    raise BoxError(f"box {tuple(box)} has x2 < x1 or y2 < y1")
+  if not clip and (x1 < 0 or y1 < 0 or x2 > width or y2 > height):
+    raise BoxError(f"box {tuple(box)} lies outside the {width}x{height} image")
+
+  def norm(v, size):
+    return min(max(int(v / size * 1000), 0), 999)
+  return norm(x1, width), norm(y1, height), norm(x2, width), norm(y2, height)
+
+
+def denormalize_box(box, width: int, height: int) -> tuple[float, float, float, float]:
+  """Normalised (x1, y1, x2, y2) in [0, 1000) -> pixels."""
+  x1, y1, x2, y2 = box
+  return x1 / 1000 * width, y1 / 1000 * height, x2 / 1000 * width, y2 / 1000 * height
+
+
+def box_text(norm_box) -> str:
+  x1, y1, x2, y2 = norm_box
+  return f"<box>({x1},{y1}),({x2},{y2})</box>"
+
+
+def ref_box_text(phrase: str, box, width: int, height: int) -> str:
+  """`<ref>phrase</ref><box>...</box>` for a pixel box."""
+  return f"<ref>{phrase}</ref>" + box_text(normalize_box(box, width, height))
+
+
+def parse_ref_boxes(text: str) -> list[tuple[str, tuple[int, int, int, int]]]:
+  """All `<ref>phrase</ref><box>(..),(..)</box>` pairs of a text, boxes still normalised."""
+  return [(m.group(1), tuple(int(m.group(i)) for i in range(2, 6))) for m in REF_BOX_RE.finditer(text)]
+
+
+def parse_boxes(text: str) -> list[tuple[int, int, int, int]]:
+  """All `<box>(..),(..)</box>` of a text, normalised."""
+  return [tuple(int(v) for v in m.groups()) for m in BOX_RE.finditer(text)]

@@ -1,0 +1,127 @@
+"""ChatML conversations, the pre-training form, and loss masks as in the official Qwen-VL finetune recipe.
+
+A sample becomes `ids` plus `loss_mask` (1 = this token is a training target, i.e. it is predicted from the
+tokens before it). Chat samples (stages 2-3):
+
+    <|im_start|>system\\n{system}<|im_end|>\\n            targets: <|im_start|>, <|im_end|>, \\n
+    <|im_start|>user\\n{content}<|im_end|>\\n             targets: <|im_start|>, <|im_end|>, \\n
+    <|im_start|>assistant\\n{content}<|im_end|>\\n        targets: <|im_start|>, {content}, <|im_end|>, \\n
+
+Every piece is tokenised on its own (role, "\\n", content), exactly as the official recipe does, so the ids match
+what the released models were trained on. Pre-training samples (stage 1): `<img>ref</img>{caption}<|endoftext|>`
+with the caption and `<|endoftext|>` as targets. Images are written `Picture N: <img>ref</img>\\n` in user turns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from qwenvl_jax.data.tokenizer import ENDOFTEXT, IM_END, IM_START, IMAGE_ST, Tokenizer
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+
+
+class FormatError(ValueError):
+  """A sample that cannot be formatted (unknown role, empty conversation, ...)."""
+
+
+@dataclasses.dataclass
+class Tokenized:
+  ids: list[int]
+  loss_mask: list[int]
+
+
+def image_prompt(refs) -> str:
+  """'Picture 1: <img>a.png</img>\\nPicture 2: <img>b.png</img>\\n' for the given image references."""
+  return "".join(f"Picture {i + 1}: <img>{r}</img>\n" for i, r in enumerate(refs))
+
+
+def normalize_roles(conversations, where: str = "sample") -> list[tuple[str, str]]:
+  """[{'from': ..., 'value': ...}] -> [(role, text)] with roles 'user' | 'assistant'."""
+  out = []
+  for k, turn in enumerate(conversations):
+    if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+      raise FormatError(f"{where}: turn {k} is not an object with 'from' and 'value'")
+    role = ROLE_ALIASES.get(str(turn["from"]).lower())
+    if role is None:
+      raise FormatError(f"{where}: unknown role {turn['from']!r} in turn {k} (expected user or assistant)")
+    if not isinstance(turn["value"], str):
+      raise FormatError(f"{where}: turn {k} value is not a string")
+    out.append((role, turn["value"]))
+  if out and out[0][0] != "user":  # as the official recipe: a leading non-user turn is dropped
+    out = out[1:]
+  if not out:
+    raise FormatError(f"{where}: empty conversation")
+  return out
+
+
+def format_chat(tok: Tokenizer, conversations, system: str = DEFAULT_SYSTEM, where: str = "sample") -> Tokenized:
+  """Official finetune layout and targets for a conversation in the official JSON format."""
+  nl = tok.encode("\n")
+  ids = [tok.im_start_id] + tok.encode("system") + nl + tok.encode(system) + [tok.im_end_id] + nl
+  mask = [1] + [0] * (len(ids) - 3) + [1] * (1 + len(nl))
+  for role, text in normalize_roles(conversations, where):
+    role_ids = tok.encode(IM_START + role)  # [<|im_start|>, role]
+    content = tok.encode(text)
+    turn = role_ids + nl + content + [tok.im_end_id] + nl
+    if role == "user":
+      turn_mask = [1] + [0] * (len(turn) - 1 - 1 - len(nl)) + [1] * (1 + len(nl))
+    else:
+      turn_mask = [1] + [0] * (len(role_ids) - 1 + len(nl)) + [1] * (len(content) + 1 + len(nl))
+    ids += turn
+    mask += turn_mask
+  return Tokenized(ids, mask)
+
+
+def format_pretrain(tok: Tokenizer, image_refs, caption: str) -> Tokenized:
+  """Stage-1 form: `<img>ref</img>...caption<|endoftext|>`; targets are the caption and <|endoftext|>."""
+  ids: list[int] = []
+  for ref in image_refs:
+    ids += tok.image_ids(ref)
+  prefix = len(ids)
+  ids += tok.encode(caption) + [tok.eod_id]
+  return Tokenized(ids, [0] * prefix + [1] * (len(ids) - prefix))
+
+
+def format_text(tok: Tokenizer, text: str) -> Tokenized:
+  """A plain text document: every token and <|endoftext|> are targets."""
+  ids = tok.encode(text) + [tok.eod_id]
+  return Tokenized(ids, [1] * len(ids))
+
+
+def make_context(tok: Tokenizer, query: str, history=None, system: str = DEFAULT_SYSTEM,
+                 max_window_size: int = 6144) -> tuple[str, list[int]]:
+  """Inference prompt of the official chat: (raw text, ids), keeping the newest history that fits."""
+  history = history or []
+  nl = tok.encode("\n")
+  image_st = set(IMAGE_ST)
+
+  def turn(role, content):
+    return f"{role}\n{content}", tok.encode(role, allowed_special=image_st) + nl + tok.encode(content, image_st)
+
+  system_text, system_part = turn("system", system)
+  system_ids = [tok.im_start_id] + system_part + [tok.im_end_id]
+  raw, context = "", []
+  for q, r in reversed(history):
+    q_text, q_part = turn("user", q)
+    q_ids = [tok.im_start_id] + q_part + [tok.im_end_id]
+    if r is not None:
+      r_text, r_part = turn("assistant", r)
+      nxt = nl + q_ids + nl + [tok.im_start_id] + r_part + [tok.im_end_id]
+      chat = f"\n{IM_START}{q_text}{IM_END}\n{IM_START}{r_text}{IM_END}"
+    else:
+      nxt = nl + q_ids + nl
+      chat = f"\n{IM_START}{q_text}{IM_END}\n"
+    if len(system_ids) + len(nxt) + len(context) >= max_window_size:
+      break
+    context = nxt + context
+    raw = chat + raw
+  ids = system_ids + context + nl + [tok.im_start_id] + turn("user", query)[1] + [tok.im_end_id] + nl
+  ids += [tok.im_start_id] + tok.encode("assistant") + nl
+  raw = f"{IM_START}{system_text}{IM_END}" + raw + f"\n{IM_START}user\n{query}{IM_END}\n{IM_START}assistant\n"
+  return raw, ids
+
+
+__all__ = ["DEFAULT_SYSTEM", "ENDOFTEXT", "FormatError", "Tokenized", "format_chat", "format_pretrain", "format_text",
+           "image_prompt", "make_context", "normalize_roles"]
