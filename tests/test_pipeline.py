@@ -181,3 +181,16 @@ def test_model_sees_packed_samples_in_isolation(tok):
     slot += n
     alone = model.apply({"params": params}, jnp.asarray(ids[None]), pixel_values=pix, inference=False)
     np.testing.assert_allclose(np.asarray(packed[0][sel]), np.asarray(alone[0]), atol=1e-4)
+
+
+def test_window_packer_fills_rows_and_respects_image_slots():
+  from qwenvl_jax.data.packing import pack_window
+  rng = np.random.default_rng(0)
+  sizes = rng.choice([292, 296, 300, 344, 558, 30], size=400, p=[.3, .2, .15, .15, .1, .1])
+  samples = [{"ids": np.zeros(n), "images": np.zeros((2 if n == 558 else (0 if n == 30 else 1), 1))} for n in sizes]
+  rows = pack_window(samples, 2048, 8)
+  assert sorted(i for r in rows for i in r) == list(range(400))
+  fill = [sum(sizes[i] for i in r) for r in rows]
+  assert max(fill) <= 2048 and all(sum(len(samples[i]["images"]) for i in r) <= 8 for r in rows)
+  # rows are filled one after another: most are exactly full, only the window's tail is not
+  assert sum(f == 2048 for f in fill) > 0.75 * len(rows) and sum(fill) / (2048 * len(rows)) > 0.95

@@ -1,4 +1,4 @@
-"""The Grain input pipeline: source -> seeded shuffle -> per-host shard -> encode -> pack -> batch.
+"""The Grain input pipeline: source -> seeded shuffle -> per-host shard -> encode -> pack (best fit, see packing.py) -> batch.
 
 Records (the common format of `qwenvl_jax.data.shapes` / `jsonl` / `tfds_sources`) are encoded into token ids,
 a loss mask, a task id per token and preprocessed images; several samples are packed first-fit into rows of
@@ -30,9 +30,11 @@ from qwenvl_jax.data.conversation import (DEFAULT_SYSTEM, FormatError, Tokenized
                                           format_text)
 from qwenvl_jax.data.images import ImageError, preprocess_image
 from qwenvl_jax.data.jsonl import image_refs
+from qwenvl_jax.data.packing import WindowPackIterDataset
 from qwenvl_jax.data.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger("qwenvl_jax.data")
+PACKERS = ("window", "first_fit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,13 +47,17 @@ class DataConfig:
   system: str = DEFAULT_SYSTEM
   truncation: str = "truncate"    # truncate | drop: what to do with a sample longer than seq_len
   strict: bool = False            # raise on a bad sample instead of skipping it
-  packing_bins: int = 64          # first-fit bins: more bins, less padding
+  packer: str = "window"          # window: subset-sum rows over a window (packing.py) | first_fit: Grain's online one
+  packing_window: int = 512       # window: samples packed together (more: less padding, more host memory)
+  packing_bins: int = 64          # first_fit: open bins
   task_names: tuple[str, ...] = ()
   num_threads: int = 2            # Grain read threads (decode + tokenise run there)
 
   def validate(self):
     if self.mode not in ("chat", "pretrain"):
       raise ValueError(f"data mode {self.mode!r}: expected 'chat' or 'pretrain'")
+    if self.packer not in PACKERS:
+      raise ValueError(f"packer {self.packer!r}: expected one of {sorted(PACKERS)}")
     if self.truncation not in ("truncate", "drop"):
       raise ValueError(f"truncation {self.truncation!r}: expected 'truncate' or 'drop'")
 
@@ -157,8 +163,12 @@ def build_dataset(source, tokenizer: Tokenizer, cfg: DataConfig, *, seed: int = 
   ds = ds.map(encoder).filter(lambda x: x is not None)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=4 * cfg.num_threads))
   L = cfg.seq_len
-  it = FirstFitPackIterDataset(it, length_struct={"ids": L, "loss_mask": L, "task": L, "images": cfg.max_images},
-                               num_packing_bins=cfg.packing_bins, seed=seed, shuffle_bins=shuffle)
+  if cfg.packer == "window":
+    it = WindowPackIterDataset(it, seq_len=L, max_images=cfg.max_images, lookahead=cfg.packing_window, seed=seed,
+                                shuffle_rows=shuffle)
+  else:
+    it = FirstFitPackIterDataset(it, length_struct={"ids": L, "loss_mask": L, "task": L, "images": cfg.max_images},
+                                 num_packing_bins=cfg.packing_bins, seed=seed, shuffle_bins=shuffle)
   return it.map(_to_batch_row).batch(cfg.batch_size, drop_remainder=True)
 
 
