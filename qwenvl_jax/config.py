@@ -143,12 +143,13 @@ QWEN_VL_TINY = QwenVLConfig(
     visual=VisionConfig(image_size=112, patch_size=14, width=96, layers=2, heads=4, mlp_ratio=2.0,
                         output_dim=256, n_queries=16, image_start_id=300))
 
-# Small model for the embedded demo on a 2-core CPU (vocabulary of the demo's SentencePiece model).
+# Small model for the embedded demo on a 2-core CPU; vocabulary and image ids are those of the SentencePiece
+# tokenizer trained on the shapes dataset (`qwenvl_jax.data.shapes.train_tokenizer`: 1024 pieces, <img> = 215).
 QWEN_VL_DEMO = QwenVLConfig(
-    vocab_size=4096, hidden_size=256, num_attention_heads=4, kv_channels=64, num_hidden_layers=4,
+    vocab_size=1024, hidden_size=256, num_attention_heads=4, kv_channels=64, num_hidden_layers=4,
     intermediate_size=1024, seq_length=512, max_position_embeddings=2048,
     visual=VisionConfig(image_size=112, patch_size=14, width=192, layers=4, heads=4, mlp_ratio=4.0,
-                        output_dim=256, n_queries=16, image_start_id=4000))
+                        output_dim=256, n_queries=16, image_start_id=215))
 
 NAMED = {"qwen_vl_7b": QWEN_VL_7B, "qwen_vl_tiny": QWEN_VL_TINY, "qwen_vl_demo": QWEN_VL_DEMO}
 

@@ -1,7 +1,6 @@
 """The Grain pipeline: packing keeps every sample intact and isolated, images follow their spans, bad data is
 counted, hosts get disjoint shards, and the iterator state resumes exactly."""
 
-import io
 import re
 
 import jax
@@ -194,3 +193,31 @@ def test_window_packer_fills_rows_and_respects_image_slots():
   assert max(fill) <= 2048 and all(sum(len(samples[i]["images"]) for i in r) <= 8 for r in rows)
   # rows are filled one after another: most are exactly full, only the window's tail is not
   assert sum(f == 2048 for f in fill) > 0.75 * len(rows) and sum(fill) / (2048 * len(rows)) > 0.95
+
+
+def test_demo_tokenizer_matches_demo_model(tmp_path):
+  from qwenvl_jax.config import QWEN_VL_DEMO
+  from qwenvl_jax.data.shapes import train_tokenizer
+  tok = train_tokenizer(str(tmp_path / "tok"), num_records=300)
+  assert tok.vocab_size <= QWEN_VL_DEMO.vocab_size
+  assert tok.img_start_id == QWEN_VL_DEMO.visual.image_start_id and tok.image_span == QWEN_VL_DEMO.visual.n_queries
+  assert (tmp_path / "tok.model").is_file()
+
+
+def test_jsonl_and_tfds_sources_through_the_pipeline(tok, tmp_path):
+  import json
+
+  from qwenvl_jax.data.jsonl import JsonlSource
+  from qwenvl_jax.data.tfds_sources import ShapesConfig, ShapesTfdsSource, prepare_shapes
+  PIL.Image.new("RGB", (20, 20), (0, 0, 255)).save(tmp_path / "blue.png")
+  rows = [{"id": f"j{i}", "conversations": [{"from": "user", "value": f"Picture 1: <img>blue.png</img>\nrecord {i}"},
+                                             {"from": "assistant", "value": "blue"}]} for i in range(6)]
+  (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+  batches = collect(DataPipeline(JsonlSource(str(tmp_path / "d.jsonl")), tok, config(batch_size=1), seed=0,
+                                 process_index=0, process_count=1))
+  assert sum(int(b["image_mask"].sum()) for b in batches) == 6
+  prepare_shapes(tmp_path / "tfds", ShapesConfig(name="t", num_train=8, num_validation=2, num_test=2, image_size=48))
+  src = ShapesTfdsSource(tmp_path / "tfds", "train", config="t")
+  p = DataPipeline(src, tok, config(batch_size=1, seq_len=256, image_size=48), seed=0, process_index=0, process_count=1)
+  batches = collect(p)
+  assert p.encoder.counts["ok"] == 8 and sum(int(b["segment_ids"].max()) for b in batches) == 8

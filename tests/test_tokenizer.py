@@ -7,8 +7,7 @@ import pytest
 
 import qwenvl_jax as qv
 from qwenvl_jax.data.conversation import make_context
-from qwenvl_jax.data.tokenizer import (IMAGE_ST, SPECIAL_TOKENS, TokenizerError, default_qwen_vocab,
-                                       train_sentencepiece)
+from qwenvl_jax.data.tokenizer import IMAGE_ST, SPECIAL_TOKENS, TokenizerError, default_qwen_vocab, train_sentencepiece
 
 CASES = json.load(open(os.path.join(os.path.dirname(__file__), "fixtures", "qwen_vl_tiny", "tokenizer_cases.json")))
 

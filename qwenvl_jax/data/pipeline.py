@@ -26,8 +26,14 @@ import jax
 import numpy as np
 from grain.experimental import FirstFitPackIterDataset
 
-from qwenvl_jax.data.conversation import (DEFAULT_SYSTEM, FormatError, Tokenized, format_chat, format_pretrain,
-                                          format_text)
+from qwenvl_jax.data.conversation import (
+  DEFAULT_SYSTEM,
+  FormatError,
+  Tokenized,
+  format_chat,
+  format_pretrain,
+  format_text,
+)
 from qwenvl_jax.data.images import ImageError, preprocess_image
 from qwenvl_jax.data.jsonl import image_refs
 from qwenvl_jax.data.packing import WindowPackIterDataset

@@ -13,7 +13,8 @@ left-to-right order of captions are unambiguous), and tasks that need a unique s
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -405,3 +406,23 @@ class ShapesSource:
   def __repr__(self) -> str:
     return (f"ShapesSource(split={self.split!r}, num_records={self.num_records}, seed={self.seed}, "
             f"image_size={self.image_size}, mix={self.mix!r})")
+
+
+def text_corpus(num_records: int = 4000, seed: int = 0) -> Iterator[str]:
+  """Every text of the first `num_records` training records (image references removed) plus the ChatML
+  scaffolding, to train the demo's SentencePiece tokenizer. Images are drawn too (cheap at this size)."""
+  from qwenvl_jax.data.conversation import DEFAULT_SYSTEM
+
+  yield from ("system", "user", "assistant", DEFAULT_SYSTEM, "Picture 1: ", "Picture 2: ")
+  for i in range(num_records):
+    for turn in generate("train", i, seed=seed, image_size=MIN_IMAGE_SIZE)["conversations"]:
+      yield re.sub(r"<img>.*?</img>", "", turn["value"])
+
+
+def train_tokenizer(model_prefix: str, vocab_size: int = 1024, image_span: int = 16, num_records: int = 4000,
+                    seed: int = 0):
+  """The embedded default tokenizer: SentencePiece trained on the shapes texts, saved as `{model_prefix}.model`."""
+  from qwenvl_jax.data.tokenizer import train_sentencepiece
+
+  return train_sentencepiece(text_corpus(num_records, seed), model_prefix, vocab_size=vocab_size,
+                             image_span=image_span)
