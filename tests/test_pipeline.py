@@ -104,6 +104,7 @@ def test_bad_images_are_skipped_and_counted(tok, caplog):
   collect(p)
   assert p.encoder.counts["bad_image"] == 2 and p.encoder.counts["ok"] == 18
   assert "r3:im0" in caplog.text and "end of data: 18 samples used" in caplog.text
+  assert "data epoch 1 done: 18 samples used" in caplog.text and "'bad_image': 2" in caplog.text
   with pytest.raises(ImageError, match="r3:im0"):
     collect(DataPipeline(recs[:5], tok, config(strict=True), shuffle=False, process_index=0, process_count=1))
 

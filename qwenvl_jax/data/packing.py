@@ -75,7 +75,7 @@ def assemble_row(samples: list[dict], seq_len: int, max_images: int) -> dict:
   seg = np.zeros(seq_len, np.int32)
   pos = np.zeros(seq_len, np.int32)
   image_shape = samples[0]["images"].shape[1:]
-  images = np.zeros((max_images,) + image_shape, np.float32)
+  images = np.empty((max_images,) + image_shape, np.float32)  # filled below; only empty slots are zeroed
   image_seg = np.zeros(max_images, np.int32)
   t = k = 0
   for s_id, s in enumerate(samples, 1):
@@ -87,6 +87,7 @@ def assemble_row(samples: list[dict], seq_len: int, max_images: int) -> dict:
     images[k:k + m] = s["images"]
     image_seg[k:k + m] = s_id
     t, k = t + n, k + m
+  images[k:] = 0
   return {**out, "ids_segment_ids": seg, "ids_positions": pos, "images": images, "images_segment_ids": image_seg}
 
 
@@ -107,7 +108,8 @@ class _PackIterator(grain.DatasetIterator):
     self._spec = spec
     self._window_state = parent.get_state()
     self._window = 0
-    self._rows: list[dict] = []
+    self._rows: list[list[int]] = []
+    self._samples: list[dict] = []
     self._emitted = 0
 
   def _fill(self) -> None:
@@ -124,7 +126,7 @@ class _PackIterator(grain.DatasetIterator):
     rows = pack_window(samples, spec.seq_len, spec.max_images)
     if spec.shuffle_rows:  # otherwise long-sample rows would always come first in a window
       np.random.default_rng([spec.seed, self._window]).shuffle(rows)
-    self._rows = [assemble_row([samples[i] for i in r], spec.seq_len, spec.max_images) for r in rows]
+    self._samples, self._rows = samples, rows  # rows are assembled when emitted
     self._emitted = 0
 
   def __next__(self) -> dict:
@@ -132,8 +134,13 @@ class _PackIterator(grain.DatasetIterator):
       if self._rows:
         self._window += 1
       self._fill()
+    row = self._rows[self._emitted]
     self._emitted += 1
-    return self._rows[self._emitted - 1]
+    if self._emitted == len(self._rows):
+      samples, self._samples = [self._samples[i] for i in row], []  # release the window's samples early
+    else:
+      samples = [self._samples[i] for i in row]
+    return assemble_row(samples, self._spec.seq_len, self._spec.max_images)
 
   def get_state(self) -> dict:
     return {"parent": self._window_state, "window": self._window, "emitted": self._emitted}

@@ -10,7 +10,8 @@ a loss mask, a task id per token and preprocessed images; several samples are pa
     pixel_values [B, M, 3, S, S] float32 (row b's k-th <img> span takes slot k)    image_mask [B, M] bool
 
 Samples that fail (unreadable image, too long under the 'drop' policy, too many images) are skipped with a
-warning naming the record and counted; `strict=True` raises instead. Counts are logged at the end of an epoch.
+warning naming the record and counted; `strict=True` raises instead. Counts are logged after each epoch's worth
+of samples and at the end of the data.
 The iterator state is checkpointable (`get_state` / `set_state`).
 """
 
@@ -77,10 +78,21 @@ class SampleEncoder:
     self.counts: collections.Counter = collections.Counter()
     self._lock = threading.Lock()
     self._task_index = {name: i + 1 for i, name in enumerate(cfg.task_names)}
+    self.epoch_size = 0  # samples per epoch on this host; set by build_dataset so each epoch's counts get logged
+    self._seen = 0
+
+  def summary(self) -> str:
+    c = self.counts
+    skipped = {k: v for k, v in c.items() if k not in ("ok", "truncated") and v}
+    return f"{c['ok']} samples used, {c['truncated']} truncated, skipped: {skipped or 'none'}"
 
   def _count(self, key: str, record: dict | None = None, why: str | None = None):
     with self._lock:
       self.counts[key] += 1
+      if key != "truncated":
+        self._seen += 1
+        if self.epoch_size and self._seen % self.epoch_size == 0:
+          log.warning("data epoch %d done: %s", self._seen // self.epoch_size, self.summary())
     if why:
       where = (record or {}).get("source") or (record or {}).get("id", "?")
       log.warning("skipping %s: %s", where, why)
@@ -165,6 +177,7 @@ def build_dataset(source, tokenizer: Tokenizer, cfg: DataConfig, *, seed: int = 
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds[process_index::process_count]  # disjoint per host within every (re)shuffled epoch
+  encoder.epoch_size = len(ds)
   ds = ds.repeat(num_epochs) if num_epochs != 1 else ds
   ds = ds.map(encoder).filter(lambda x: x is not None)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=4 * cfg.num_threads))
@@ -192,9 +205,7 @@ class DataPipeline:
     return _LoggingIterator(iter(self.dataset), self.encoder)
 
   def report(self) -> str:
-    c = self.encoder.counts
-    skipped = {k: v for k, v in c.items() if k not in ("ok", "truncated") and v}
-    return f"{c['ok']} samples used, {c['truncated']} truncated, skipped: {skipped or 'none'}"
+    return self.encoder.summary()
 
 
 class _LoggingIterator:
@@ -208,9 +219,7 @@ class _LoggingIterator:
     try:
       return next(self._inner)
     except StopIteration:
-      c = self._encoder.counts
-      log.warning("end of data: %d samples used, %d truncated, skipped %s", c["ok"], c["truncated"],
-                  {k: v for k, v in c.items() if k not in ("ok", "truncated")} or "none")
+      log.warning("end of data: %s", self._encoder.summary())
       raise
 
   def get_state(self):
