@@ -1,0 +1,22 @@
+"""Qwen-VL stage 3 (supervised fine-tuning, Qwen-VL-Chat): ViT frozen, ChatML conversations, 448 px.
+
+    python train.py --config=configs/stage3_sft.py --workdir=DIR3 \
+        --config.init.path=DIR2 --config.data.path=chat.json --config.data.tokenizer=/ckpt/Qwen-VL
+    python train.py --config=configs/stage3_sft.py --dry_run --config.mesh.fsdp=64
+
+Paper recipe: lr 1e-5 -> 1e-6 cosine, warmup 3000, rows of 2048 tokens, loss on assistant turns only (official
+finetune masks). Data in the official finetune JSON format works unchanged (data.source=jsonl). Expected: assistant
+loss decreasing; the chat model answers in ChatML.
+"""
+
+from qwenvl_jax.train.config import STAGE_FREEZE, base_config
+
+
+def get_config():
+  c = base_config()
+  c.model.name = "qwen_vl_7b"
+  c.init.update(source="checkpoint", path="")
+  c.data.update(source="jsonl", tokenizer="", mode="chat", image_size=448, seq_len=2048, max_images=8, batch_size=32)
+  c.optim.update(lr=1e-5, min_lr=1e-6, warmup_steps=3000, total_steps=8_000, freeze=STAGE_FREEZE["stage3"])
+  c.mesh.update(data=1, fsdp=8, tensor=1)
+  return c

@@ -1,0 +1,1 @@
+"""Training: optimizer (AdamW, schedule, layer-wise LR decay, freezing), loss, train step, state, checkpoints."""

@@ -1,0 +1,62 @@
+"""Training checkpoints: Orbax CheckpointManager over the train state (params, optimizer state, step, RNG) and the
+Grain iterator state, saved together per step; async saves, keep-N, resume from the latest."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from qwenvl_jax.train.step import TrainState
+
+
+class CheckpointIncompatible(ValueError):
+  """A checkpoint that does not fit the current model / optimizer configuration."""
+
+
+class TrainCheckpointer:
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: TrainState, data_state: dict | None, force: bool = False) -> bool:
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}))
+    return self.manager.save(step, args=args, force=force)
+
+  def restore(self, step: int, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, dict]:
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                               data=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointIncompatible(f"checkpoint {self.directory}/{step} does not match the configured model or "
+                                   f"optimizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return out.state, dict(out.data or {})
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def latest_params(directory: str, abstract_params, param_shardings):
+  """Params of the latest checkpoint in a training workdir's `checkpoints/` (to start the next stage)."""
+  ckpt_dir = os.path.join(directory, "checkpoints") if os.path.isdir(os.path.join(directory, "checkpoints")) else directory
+  mgr = ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_names=("state", "data"))
+  step = mgr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no training checkpoint in {ckpt_dir}")
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params,
+                        param_shardings)
+  restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={"params": target}, restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding,
+                                                                                          dtype=t.dtype),
+                                                         {"params": target}), partial_restore=True)))
+  mgr.close()
+  return restored.state["params"], step

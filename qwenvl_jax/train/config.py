@@ -1,0 +1,87 @@
+"""The training config schema (ml_collections) shared by the files in configs/, and its validation."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from qwenvl_jax.config import NAMED
+
+STAGE_FREEZE = {
+    # Stage 1: the LLM is frozen; ViT and adapter learn. Stage 2: everything trains. Stage 3: the ViT is frozen.
+    "stage1": (r"^(wte|decoder|lm_head)/", r"^resampler/pos_embed$"),
+    "stage2": (r"^resampler/pos_embed$",),
+    "stage3": (r"^visual/", r"^resampler/pos_embed$"),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dict(name="qwen_vl_7b", param_dtype="float32", dtype="bfloat16",
+                                           remat_policy="none", scan_layers=True))
+  # Where the weights come from: random | hf (an HF Qwen-VL folder or our export) | checkpoint (a training
+  # workdir of the previous stage, or this project's model checkpoint).
+  c.init = ml_collections.ConfigDict(dict(source="random", path=""))
+  c.data = ml_collections.ConfigDict(dict(
+      source="shapes",       # shapes | jsonl | tfds_shapes
+      path="",               # jsonl: the data file; tfds_shapes: the TFDS data_dir
+      image_root="",         # jsonl: folder image paths are relative to (default: the data file's folder)
+      tokenizer="shapes",    # a qwen.tiktoken / folder / .model path, or 'shapes' (train one into the workdir)
+      num_records=0,         # shapes: records per epoch (0 = the split size)
+      mode="chat", seq_len=2048, image_size=448, max_images=8, batch_size=8, truncation="truncate",
+      strict=False, num_threads=2, packing_window=512))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=5e-5, min_lr=1e-5, warmup_steps=400, total_steps=10_000, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.05,
+      clip_norm=1.0, layer_decay=0.95, freeze=STAGE_FREEZE["stage2"], z_loss=0.0, grad_accum=1, loss_chunk=512))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
+  c.log = ml_collections.ConfigDict(dict(every=10, tensorboard=True, progress=True))
+  c.nonfinite = "stop"       # stop | skip: what a NaN/Inf loss or gradient does
+  c.peak_flops = 0.0         # per-device peak FLOP/s for the MFU metric (0: measured matmul peak of device 0)
+  c.distributed = ml_collections.ConfigDict(dict(initialize=False, coordinator_address="", num_processes=1,
+                                                 process_id=0))
+  # A config may chain stages (the demo does): names run in order, each in workdir/<name>, started from the previous
+  # one's last checkpoint; `stage_overrides[name]` holds what differs from the fields above.
+  c.stages = ()
+  c.stage_overrides = ml_collections.ConfigDict()
+  return c
+
+
+def resolve_stage(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """The config of one stage of a chained config: a copy with that stage's overrides applied."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  overrides = config.stage_overrides.get(name)
+  if overrides is None:
+    raise ValueError(f"stage {name!r} has no entry in stage_overrides")
+
+  def merge(dst, src, where):
+    for k, v in src.items():
+      if k not in dst:
+        raise ValueError(f"stage_overrides.{name}: unknown key {where}{k}")
+      if isinstance(v, ml_collections.ConfigDict):
+        merge(dst[k], v, f"{where}{k}.")
+      else:
+        dst[k] = v
+  merge(c, overrides, "")
+  c.stages = ()
+  return c
+
+
+def validate(c: ml_collections.ConfigDict, dry_run: bool = False) -> None:
+  """Raise ValueError with one line naming the first bad value (dry_run: paths are not needed)."""
+  def need(cond, msg):
+    if not cond:
+      raise ValueError(f"bad config value: {msg}")
+  need(c.model.name in NAMED, f"model.name {c.model.name!r} not in {sorted(NAMED)}")
+  need(c.init.source in ("random", "hf", "checkpoint"), f"init.source {c.init.source!r}: random | hf | checkpoint")
+  need(dry_run or c.init.source == "random" or c.init.path,
+       "init.path is required when init.source is hf or checkpoint")
+  need(c.data.source in ("shapes", "jsonl", "tfds_shapes"), f"data.source {c.data.source!r}: shapes|jsonl|tfds_shapes")
+  need(dry_run or c.data.source == "shapes" or c.data.path, f"data.path is required for data.source={c.data.source}")
+  need(c.data.seq_len > 0 and c.data.batch_size > 0, "data.seq_len and data.batch_size must be positive")
+  need(c.data.batch_size % c.optim.grad_accum == 0, "data.batch_size must be a multiple of optim.grad_accum")
+  need(c.optim.total_steps > 0 and 0 <= c.optim.warmup_steps, "optim.total_steps > 0, optim.warmup_steps >= 0")
+  need(c.optim.lr > 0 and 0 <= c.optim.min_lr <= c.optim.lr, "optim.lr > 0 and 0 <= optim.min_lr <= optim.lr")
+  need(0 < c.optim.layer_decay <= 1, "optim.layer_decay in (0, 1]")
+  need(c.nonfinite in ("stop", "skip"), f"nonfinite {c.nonfinite!r}: stop | skip")
+  need(c.checkpoint.every > 0 and c.checkpoint.keep > 0, "checkpoint.every and checkpoint.keep must be positive")

@@ -1,0 +1,309 @@
+"""The training loop of one stage: data, sharded state (fresh, imported or resumed), jitted steps, logging,
+checkpoints, SIGTERM and NaN handling. `train.py` is the command-line entry point."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from qwenvl_jax import checkpoint as model_checkpoint
+from qwenvl_jax.config import get_config
+from qwenvl_jax.data.pipeline import DataConfig, DataPipeline
+from qwenvl_jax.data.tokenizer import load_tokenizer
+from qwenvl_jax.model import QwenVL, abstract_params
+from qwenvl_jax.sharding import LOGICAL_RULES, make_mesh
+from qwenvl_jax.train.checkpointing import TrainCheckpointer, latest_params
+from qwenvl_jax.train.optimizer import make_optimizer
+from qwenvl_jax.train.state import bytes_per_device, create_state, state_shardings
+from qwenvl_jax.train.step import StepOptions, flops_per_step, train_step
+
+log = logging.getLogger("qwenvl_jax.train")
+
+
+class NonFiniteLoss(RuntimeError):
+  """Training stopped on a NaN/Inf loss or gradient (the last checkpoint is the last good state)."""
+
+
+def model_config(c):
+  m = c.model
+  return get_config(m.name, param_dtype=m.param_dtype, dtype=m.dtype, remat_policy=m.remat_policy,
+                    scan_layers=m.scan_layers)
+
+
+def optimizer(c, cfg):
+  o = c.optim
+  return make_optimizer(lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps, total_steps=o.total_steps, b1=o.b1,
+                        b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+                        vit_layers=cfg.visual.layers, layer_decay=o.layer_decay, freeze=tuple(o.freeze))
+
+
+def mesh_from(c, devices=None):
+  return make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
+
+
+def tokenizer_for(c, cfg, workdir: str):
+  """The configured tokenizer; 'shapes' trains the demo SentencePiece once and keeps it with the run."""
+  span = cfg.visual.n_queries
+  if c.data.tokenizer == "shapes":
+    from qwenvl_jax.data.shapes import train_tokenizer
+    path = os.path.join(workdir, "tokenizer.model")
+    if not os.path.isfile(path):
+      if jax.process_index() == 0:
+        train_tokenizer(os.path.join(workdir, "tokenizer"), vocab_size=cfg.vocab_size, image_span=span)
+      _sync("tokenizer")
+    tok = load_tokenizer(path, image_span=span)
+  else:
+    tok = load_tokenizer(c.data.tokenizer, image_span=span)
+  if tok.vocab_size > cfg.vocab_size or tok.img_start_id != cfg.visual.image_start_id:
+    raise ValueError(f"tokenizer (vocab {tok.vocab_size}, <img> {tok.img_start_id}) does not fit model {c.model.name} "
+                     f"(vocab {cfg.vocab_size}, image_start_id {cfg.visual.image_start_id})")
+  return tok
+
+
+def _sync(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def data_source(c, split: str = "train"):
+  d = c.data
+  if d.source == "shapes":
+    from qwenvl_jax.data.shapes import ShapesSource
+    return ShapesSource(split, d.num_records or None, seed=c.seed, image_size=d.image_size)
+  if d.source == "jsonl":
+    from qwenvl_jax.data.jsonl import JsonlSource
+    return JsonlSource(d.path, image_root=d.image_root or None, strict=d.strict)
+  from qwenvl_jax.data.tfds_sources import ShapesTfdsSource
+  return ShapesTfdsSource(d.path, split)
+
+
+def data_pipeline(c, tok, seed_offset: int = 0):
+  from qwenvl_jax.data.shapes import TASKS
+  d = c.data
+  per_host = d.batch_size // jax.process_count()
+  dcfg = DataConfig(seq_len=d.seq_len, max_images=d.max_images, image_size=d.image_size, batch_size=per_host,
+                    mode=d.mode, truncation=d.truncation, strict=d.strict, num_threads=d.num_threads,
+                    packing_window=d.packing_window, task_names=TASKS)
+  return DataPipeline(data_source(c), tok, dcfg, seed=c.seed + seed_offset, num_epochs=None), TASKS
+
+
+def initial_params(c, cfg, param_shardings):
+  """Weights to start from (None = random init)."""
+  src, path = c.init.source, c.init.path
+  if src == "random":
+    return None
+  if src == "hf":
+    from qwenvl_jax.api import load
+    model = load(path, dtype=cfg.param_dtype)
+    if model.config.replace(param_dtype=cfg.param_dtype, dtype=cfg.dtype, scan_layers=cfg.scan_layers,
+                            remat_policy=cfg.remat_policy) != cfg:
+      raise ValueError(f"{path}: its model config does not match model.name={c.model.name}")
+    return model.params
+  if model_checkpoint.is_checkpoint(path):
+    return model_checkpoint.load(path, abstract_params(cfg), shardings=param_shardings)
+  params, step = latest_params(path, abstract_params(cfg), param_shardings)
+  log.warning("initialised from %s (step %d)", path, step)
+  return params
+
+
+def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
+  """FLOP/s of a jitted n x n matmul on device 0 (the roofline used for MFU when no peak is configured)."""
+  x = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  t = time.perf_counter()
+  for _ in range(repeats):
+    x = f(x)
+  x.block_until_ready()
+  return 2 * n ** 3 * repeats / (time.perf_counter() - t)
+
+
+def dry_run(c) -> dict:
+  """Shapes only: per-device bytes of params + optimizer state for the configured mesh (an abstract mesh: no
+  devices needed), printed and returned."""
+  from jax.sharding import AbstractMesh, AxisType
+  cfg = model_config(c)
+  tx, _ = optimizer(c, cfg)
+  sizes = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
+  if -1 in sizes:
+    raise ValueError("--dry_run needs explicit mesh sizes (no -1): e.g. --config.mesh.fsdp=64")
+  mesh = AbstractMesh(tuple(sizes), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  abstract, sh = state_shardings(cfg, tx, mesh)
+  r = bytes_per_device(abstract, sh)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+  gib = 2 ** 30
+  print(f"model {c.model.name}: {n_params:,} parameters ({r['params_total'] / gib:.2f} GiB as {cfg.param_dtype}); "
+        f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} ({int(np.prod(sizes))} devices)")
+  print(f"per device: params {r['params'] / gib:.3f} GiB + optimizer state {r['opt_state'] / gib:.3f} GiB = "
+        f"{(r['params'] + r['opt_state']) / gib:.3f} GiB")
+  return r
+
+
+def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None = None) -> dict:
+  """Train one stage in `workdir` (resuming from its latest checkpoint if any). Returns final metrics.
+  `shared_dir` holds what chained stages share (the trained tokenizer); default: the workdir."""
+  os.makedirs(workdir, exist_ok=True)
+  if not os.access(workdir, os.W_OK | os.R_OK):
+    raise PermissionError(f"workdir {workdir} is not readable and writable")
+  primary = jax.process_index() == 0
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(c.to_json_best_effort(indent=2))
+  cfg = model_config(c)
+  tok = tokenizer_for(c, cfg, shared_dir or workdir)
+  mesh = mesh_from(c)
+  tx, sched = optimizer(c, cfg)
+  abstract, shardings = state_shardings(cfg, tx, mesh)
+  pipeline, tasks = data_pipeline(c, tok)
+  data_iter = iter(pipeline)
+  ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep,
+                           async_save=c.checkpoint.async_save)
+  start = ckpt.latest_step()
+  if start is not None:
+    state, data_state = ckpt.restore(start, abstract, shardings)
+    if data_state:
+      data_iter.set_state(data_state)
+    log.warning("resumed from step %d", start)
+    print(f"resumed from step {start}", flush=True)
+  else:
+    state = create_state(cfg, tx, mesh, c.seed, params=initial_params(c, cfg, shardings.params))
+    start = 0
+
+  opts = StepOptions(grad_accum=c.optim.grad_accum, loss_chunk=c.optim.loss_chunk, z_loss=c.optim.z_loss,
+                     skip_nonfinite=c.nonfinite == "skip", num_tasks=len(tasks))
+  batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+  model = QwenVL(cfg)
+  step_fn = jax.jit(lambda s, b: train_step(s, b, model=model, tx=tx, schedule=sched, opts=opts),
+                    in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
+
+  stop = {"sigterm": False}
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+  writer = _tb_writer(c, workdir) if primary else None
+  total = c.optim.total_steps
+  flops = flops_per_step(cfg, c.data.batch_size, c.data.seq_len, c.data.batch_size * c.data.max_images)
+  peak = (c.peak_flops or measure_matmul_peak()) * jax.device_count()
+  bar = _progress(start, total) if (primary and c.log.progress) else None
+  window = {"loss": 0.0, "n": 0, "tokens": 0.0, "time": time.perf_counter(), "task": np.zeros(len(tasks)),
+            "task_n": np.zeros(len(tasks))}
+  last: dict = {}
+  step = start
+  try:
+    with jax.set_mesh(mesh), _logical_rules():
+      while step < total:
+        batch = _global_batch(next(data_iter), batch_sharding)
+        state, metrics = step_fn(state, batch)
+        step += 1
+        m = jax.device_get(metrics)
+        if not bool(m["finite"]):
+          if c.nonfinite == "stop":
+            raise NonFiniteLoss(f"non-finite loss or gradient at step {step} (loss {float(m['loss'])}); "
+                                f"the last checkpoint (step {ckpt.latest_step()}) holds the last good state")
+          log.warning("step %d: non-finite loss or gradient, update skipped", step)
+        else:
+          window["loss"] += float(m["loss"])
+          window["n"] += 1
+        window["tokens"] += float(m["tokens"])
+        window["task"] += np.asarray(m["task_loss_sum"])
+        window["task_n"] += np.asarray(m["task_tokens"])
+        if bar is not None:
+          bar.update(1)
+          bar.set_postfix(loss=f"{float(m['loss']):.3f}")
+        if step % c.log.every == 0 or step == total:
+          last = _log_window(window, m, step, total, flops, peak, tasks, writer, bar)
+        if step % c.checkpoint.every == 0 or step == total or stop["sigterm"]:
+          ckpt.save(step, state, data_iter.get_state(), force=True)
+        if stop["sigterm"]:
+          ckpt.wait()
+          print(f"SIGTERM: saved step {step}, exiting", flush=True)
+          break
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    signal.signal(signal.SIGTERM, previous_handler)
+    if bar is not None:
+      bar.close()
+    if writer is not None:
+      writer.close()
+  last.update(step=step, stopped_by_signal=stop["sigterm"])
+  return last
+
+
+def _logical_rules():
+  import flax.linen as nn
+  return nn.logical_axis_rules(LOGICAL_RULES)
+
+
+def _global_batch(local: dict, sharding) -> dict:
+  if jax.process_count() == 1:
+    return jax.device_put(local, sharding)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def _tb_writer(c, workdir):
+  if not c.log.tensorboard:
+    return None
+  from tensorboardX import SummaryWriter
+  return SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+
+def _progress(start, total):
+  from tqdm import tqdm
+  return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _log_window(w, m, step, total, flops, peak, tasks, writer, bar) -> dict:
+  dt = max(time.perf_counter() - w["time"], 1e-9)
+  n = max(w["n"], 1)
+  steps = max(w["n"], 1)
+  out = {"loss": w["loss"] / n, "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
+         "tokens_per_s": w["tokens"] / dt, "steps_per_s": steps / dt, "mfu": flops * steps / dt / peak}
+  for i, name in enumerate(tasks):
+    if w["task_n"][i] > 0:
+      out[f"loss/{name}"] = float(w["task"][i] / w["task_n"][i])
+  line = (f"step {step}/{total}  loss {out['loss']:.4f}  grad_norm {out['grad_norm']:.3f}  lr {out['lr']:.2e}  "
+          f"tokens/s {out['tokens_per_s']:.0f}  mfu {out['mfu']:.2%}")
+  (bar.write if bar is not None else print)(line)
+  if writer is not None:
+    for k, v in out.items():
+      if math.isfinite(v):
+        writer.add_scalar(k if "/" in k else f"train/{k}", v, step)
+    writer.flush()
+  w.update(loss=0.0, n=0, tokens=0.0, time=time.perf_counter(), task=np.zeros_like(w["task"]),
+           task_n=np.zeros_like(w["task_n"]))
+  return out
+
+
+def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Run a config: one stage, or the chained `stages` each in workdir/<stage> from the previous one."""
+  from qwenvl_jax.train.config import resolve_stage, validate
+  if c.distributed.initialize:
+    jax.distributed.initialize(c.distributed.coordinator_address or None, c.distributed.num_processes,
+                               c.distributed.process_id)
+  if not c.stages:
+    validate(c)
+    return run_stage(c, workdir)
+  results, previous = {}, None
+  for name in c.stages:
+    s = resolve_stage(c, name)
+    if previous is not None:
+      s.init.source, s.init.path = "checkpoint", previous
+    validate(s)
+    print(f"=== {name} ===", flush=True)
+    results[name] = run_stage(s, os.path.join(workdir, name), shared_dir=workdir)
+    previous = os.path.join(workdir, name)
+    if results[name].get("stopped_by_signal"):
+      break
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2, default=float)
+  return results

@@ -1,0 +1,107 @@
+"""Train state, the jitted train step (gradient accumulation, NaN/Inf guard) and the FLOPs count behind MFU."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from qwenvl_jax.config import QwenVLConfig
+from qwenvl_jax.model import QwenVL
+from qwenvl_jax.train.loss import chunked_token_losses, next_token_targets
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  grad_accum: int = 1          # micro-batches per step (the batch's leading axis is split into them)
+  loss_chunk: int = 512        # sequence chunk of the chunked cross-entropy
+  z_loss: float = 0.0          # weight of lse**2 (keeps the softmax normaliser near 0)
+  skip_nonfinite: bool = False  # True: a step with NaN/Inf loss or gradients leaves the state unchanged
+  num_tasks: int = 0           # per-task loss sums for task ids 1..num_tasks
+
+
+def _loss_sums(model: QwenVL, params, batch: dict, opts: StepOptions):
+  """-> (objective sum, (ce sum, weight sum, per-task ce sums, per-task weights))."""
+  seg = batch["segment_ids"]
+  hidden = model.apply({"params": params}, batch["input_ids"], attention_mask=seg > 0, positions=batch["positions"],
+                       segment_ids=seg, pixel_values=batch.get("pixel_values"), inference=False, return_hidden=True)
+  targets, w = next_token_targets(batch["input_ids"], batch["loss_mask"], seg)
+  ce, lse = chunked_token_losses(hidden, params["lm_head"]["kernel"], targets, opts.loss_chunk)
+  ce_sum = jnp.sum(ce * w)
+  objective = ce_sum + opts.z_loss * jnp.sum(jnp.square(lse) * w)
+  if opts.num_tasks:
+    onehot = jax.nn.one_hot(batch["task_ids"] - 1, opts.num_tasks) * w[..., None]  # task 0 -> all zeros
+    task_ce, task_w = jnp.einsum("bs,bsk->k", ce, onehot), jnp.sum(onehot, axis=(0, 1))
+  else:
+    task_ce = task_w = jnp.zeros((0,), jnp.float32)
+  return objective, (ce_sum, jnp.sum(w), task_ce, task_w)
+
+
+def train_step(state: TrainState, batch: dict, *, model: QwenVL, tx: optax.GradientTransformation,
+               schedule, opts: StepOptions) -> tuple[TrainState, dict]:
+  """One optimizer step over `batch` (leading axis = global batch, split into `opts.grad_accum` micro-batches).
+
+  The loss is the mean over all supervised tokens of the step (sums are accumulated, then divided once), so
+  gradient accumulation gives the same update as one big batch.
+  """
+  grad_fn = jax.value_and_grad(lambda p, mb: _loss_sums(model, p, mb, opts), has_aux=True)
+  k = opts.grad_accum
+  if k == 1:
+    (_, aux), grads = grad_fn(state.params, batch)
+  else:
+    micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+    zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    zero_aux = (jnp.zeros(()), jnp.zeros(()), jnp.zeros((opts.num_tasks,)), jnp.zeros((opts.num_tasks,)))
+
+    def body(carry, mb):
+      g_acc, a_acc = carry
+      (_, aux), g = grad_fn(state.params, mb)
+      return (jax.tree.map(lambda x, y: x + y.astype(jnp.float32), g_acc, g),
+              jax.tree.map(jnp.add, a_acc, aux)), None
+
+    (grads, aux), _ = jax.lax.scan(body, (zero_grads, zero_aux), micro)
+  ce_sum, n_tokens, task_ce, task_w = aux
+  denom = jnp.maximum(n_tokens, 1.0)
+  grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  loss = ce_sum / denom
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  if opts.skip_nonfinite:
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1))
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "supervised_tokens": n_tokens,
+             "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
+             "finite": finite, "task_loss_sum": task_ce, "task_tokens": task_w}
+  return new, metrics
+
+
+def flops_per_step(cfg: QwenVLConfig, batch: int, seq_len: int, images: int) -> float:
+  """Training FLOPs of one step = 3 x forward matmul FLOPs (backward = 2 x forward), counting:
+
+  decoder, per token: q/k/v/o 8*D^2, MLP 6*D*F, lm_head 2*D*V, causal attention 2*S*D (scores + values over
+  S/2 keys on average); ViT, per image with P patches of width W and MLP width M: patch embedding 2*P*3p^2*W,
+  per block 8*P*W^2 + 4*M*P*W + 4*P^2*W; resampler with Q queries: kv_proj 2*P*W*D, k/v 4*P*D^2, q/out/proj
+  6*Q*D^2, attention 4*Q*P*D. Padding images count (they are computed), embeddings lookups and norms do not.
+  """
+  d, f, v, s = cfg.hidden_size, cfg.mlp_dim, cfg.vocab_size, seq_len
+  per_token = cfg.num_hidden_layers * (8 * d * d + 6 * d * f + 2 * s * d) + 2 * d * v
+  vis = cfg.visual
+  p, w, m, q = vis.grid ** 2, vis.width, vis.mlp_dim, vis.n_queries
+  per_image = 2 * p * 3 * vis.patch_size ** 2 * w
+  per_image += vis.layers * (8 * p * w * w + 4 * m * p * w + 4 * p * p * w)
+  per_image += 2 * p * w * d + 4 * p * d * d + 6 * q * d * d + 4 * q * p * d
+  return 3.0 * (batch * s * per_token + images * per_image)
