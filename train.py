@@ -6,13 +6,21 @@ its workdir; SIGTERM finishes the current step, saves and exits 0.
 
 import sys
 
-from absl import app, flags
+from absl import app, flags  # noqa: F401 - app.UsageError
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and the resolved config")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "build shapes only and print per-device bytes of params + optimizer "
                              "state for the configured mesh")
+
+
+def one_line(e: BaseException) -> str:
+  """An exception message on one line (first and last lines of a multi-line message)."""
+  lines = [ln.strip() for ln in str(e).strip().strip("\"'").splitlines() if ln.strip()]
+  if not lines:
+    return type(e).__name__
+  return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
 
 
 def main(argv):
@@ -32,11 +40,23 @@ def main(argv):
       raise ValueError("--workdir is required")
     run(_CONFIG.value, _WORKDIR.value)
   except (ValueError, OSError, CheckpointIncompatible, NonFiniteLoss) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {one_line(e)}", file=sys.stderr)
     return 2
   return 0
 
 
+def parse_flags_or_exit(argv):
+  """Flag and config-override errors (unknown key, bad value, missing file) as one line, not a traceback."""
+  try:
+    rest = flags.FLAGS(argv)
+    if _CONFIG.value is None:
+      raise flags.IllegalFlagValueError("--config is required")
+  except Exception as e:  # noqa: BLE001 - absl and ml_collections raise many types; all mean bad input here
+    print(f"error: bad flags or config: {one_line(e)}", file=sys.stderr)
+    sys.exit(2)
+  return rest
+
+
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(lambda argv: sys.exit(main(argv)))
+  # Flags are parsed once here (app.run would parse again, and config overrides cannot be defined twice).
+  sys.exit(main(parse_flags_or_exit(sys.argv)))
