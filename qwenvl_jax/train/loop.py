@@ -221,6 +221,9 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
           bar.set_postfix(loss=f"{float(m['loss']):.3f}")
         if step % c.log.every == 0 or step == total:
           last = _log_window(window, m, step, total, flops, peak, tasks, writer, bar)
+          if primary:
+            with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+              f.write(json.dumps({"step": step, "last_loss": float(m["loss"]), **last}) + "\n")
         if step % c.checkpoint.every == 0 or step == total or stop["sigterm"]:
           ckpt.save(step, state, data_iter.get_state(), force=True)
         if stop["sigterm"]:
