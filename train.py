@@ -17,7 +17,10 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "build shapes only and print per-
 
 def one_line(e: BaseException) -> str:
   """An exception message on one line (first and last lines of a multi-line message)."""
-  lines = [ln.strip() for ln in str(e).strip().strip("\"'").splitlines() if ln.strip()]
+  while e.args and isinstance(e.args[0], BaseException):  # ml_collections wraps the KeyError of an unknown key
+    e = e.args[0]
+  msg = f"unknown key {e.args[0]}" if isinstance(e, KeyError) and e.args else str(e)
+  lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
   if not lines:
     return type(e).__name__
   return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"

@@ -8,6 +8,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from qwenvl_jax.train.optimizer import path_str
 from qwenvl_jax.train.step import TrainState
 
 
@@ -36,6 +37,13 @@ class TrainCheckpointer:
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointIncompatible(f"checkpoint {self.directory}/{step} does not match the configured model or "
                                    f"optimizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if jax.tree.structure(out.state) != jax.tree.structure(abstract):
+      # Orbax fills arrays the checkpoint lacks (e.g. optimizer moments of parameters it had frozen) with None.
+      missing = [path_str(p) for p, x in jax.tree_util.tree_leaves_with_path(out.state, is_leaf=lambda x: x is None)
+                 if x is None]
+      raise CheckpointIncompatible(f"checkpoint {self.directory}/{step} does not match the configured model or "
+                                   f"optimizer ({len(missing)} arrays missing"
+                                   f"{', e.g. ' + missing[0] if missing else ''})")
     return out.state, dict(out.data or {})
 
   def wait(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ml_collections
+import numpy as np
 
 from qwenvl_jax.config import NAMED
 
@@ -82,6 +83,8 @@ def validate(c: ml_collections.ConfigDict, dry_run: bool = False) -> None:
   need(c.data.batch_size % c.optim.grad_accum == 0, "data.batch_size must be a multiple of optim.grad_accum")
   need(c.optim.total_steps > 0 and 0 <= c.optim.warmup_steps, "optim.total_steps > 0, optim.warmup_steps >= 0")
   need(c.optim.lr > 0 and 0 <= c.optim.min_lr <= c.optim.lr, "optim.lr > 0 and 0 <= optim.min_lr <= optim.lr")
+  # The schedule runs in float32: a larger lr is inf there, and 0 * inf makes the first update NaN.
+  need(c.optim.lr <= float(np.finfo(np.float32).max), f"optim.lr {c.optim.lr} overflows float32")
   need(0 < c.optim.layer_decay <= 1, "optim.layer_decay in (0, 1]")
   need(c.nonfinite in ("stop", "skip"), f"nonfinite {c.nonfinite!r}: stop | skip")
   need(c.checkpoint.every > 0 and c.checkpoint.keep > 0, "checkpoint.every and checkpoint.keep must be positive")

@@ -157,12 +157,13 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
   if not os.access(workdir, os.W_OK | os.R_OK):
     raise PermissionError(f"workdir {workdir} is not readable and writable")
   primary = jax.process_index() == 0
-  if primary:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(c.to_json_best_effort(indent=2))
   cfg = model_config(c)
   tok = tokenizer_for(c, cfg, shared_dir or workdir)
   mesh = mesh_from(c)
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if c.data.batch_size % jax.process_count() or c.data.batch_size % batch_shards:
+    raise ValueError(f"data.batch_size {c.data.batch_size} must be a multiple of the process count "
+                     f"{jax.process_count()} and of the data x fsdp mesh size {batch_shards}")
   tx, sched = optimizer(c, cfg)
   abstract, shardings = state_shardings(cfg, tx, mesh)
   pipeline, tasks = data_pipeline(c, tok)
@@ -179,6 +180,10 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
   else:
     state = create_state(cfg, tx, mesh, c.seed, params=initial_params(c, cfg, shardings.params))
     start = 0
+  if primary:  # only once the workdir's checkpoint fits this config (a rejected one keeps the run's config.json)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(c.to_json_best_effort(indent=2))
+    _drop_metrics_after(os.path.join(workdir, "metrics.jsonl"), start)
 
   opts = StepOptions(grad_accum=c.optim.grad_accum, loss_chunk=c.optim.loss_chunk, z_loss=c.optim.z_loss,
                      skip_nonfinite=c.nonfinite == "skip", num_tasks=len(tasks))
@@ -189,13 +194,13 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
 
   stop = {"sigterm": False}
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
-  writer = _tb_writer(c, workdir) if primary else None
+  writer = _tb_writer(c, workdir, purge_step=start + 1) if primary else None
   total = c.optim.total_steps
   flops = flops_per_step(cfg, c.data.batch_size, c.data.seq_len, c.data.batch_size * c.data.max_images)
   peak = (c.peak_flops or measure_matmul_peak()) * jax.device_count()
   bar = _progress(start, total) if (primary and c.log.progress) else None
-  window = {"loss": 0.0, "n": 0, "tokens": 0.0, "time": time.perf_counter(), "task": np.zeros(len(tasks)),
-            "task_n": np.zeros(len(tasks))}
+  window = {"loss": 0.0, "n": 0, "steps": 0, "tokens": 0.0, "time": time.perf_counter(),
+            "task": np.zeros(len(tasks)), "task_n": np.zeros(len(tasks))}
   last: dict = {}
   step = start
   try:
@@ -207,15 +212,19 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
         m = jax.device_get(metrics)
         if not bool(m["finite"]):
           if c.nonfinite == "stop":
+            ckpt.wait()  # an async save in flight is the last good state the message names
             raise NonFiniteLoss(f"non-finite loss or gradient at step {step} (loss {float(m['loss'])}); "
                                 f"the last checkpoint (step {ckpt.latest_step()}) holds the last good state")
           log.warning("step %d: non-finite loss or gradient, update skipped", step)
-        else:
+        else:  # window means over the steps that updated (a skipped step's losses are NaN)
           window["loss"] += float(m["loss"])
           window["n"] += 1
+          window["task"] += np.asarray(m["task_loss_sum"])
+          window["task_n"] += np.asarray(m["task_tokens"])
+        window["steps"] += 1
         window["tokens"] += float(m["tokens"])
-        window["task"] += np.asarray(m["task_loss_sum"])
-        window["task_n"] += np.asarray(m["task_tokens"])
+        if step == start + 1:  # the first step of a run includes compilation: keep it out of throughput and MFU
+          window.update(time=time.perf_counter(), steps=0, tokens=0.0)
         if bar is not None:
           bar.update(1)
           bar.set_postfix(loss=f"{float(m['loss']):.3f}")
@@ -253,11 +262,30 @@ def _global_batch(local: dict, sharding) -> dict:
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
-def _tb_writer(c, workdir):
+def _tb_writer(c, workdir, purge_step=None):
+  """purge_step: TensorBoard drops the events at and after it that an interrupted earlier run wrote."""
   if not c.log.tensorboard:
     return None
   from tensorboardX import SummaryWriter
-  return SummaryWriter(os.path.join(workdir, "tensorboard"))
+  return SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
+
+
+def _drop_metrics_after(path: str, step: int) -> None:
+  """Keep one metrics line per step on resume: an interrupted run may have logged steps after its last checkpoint
+  (and, if killed mid-write, half a line); the resumed run logs them again."""
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= step:
+          keep.append(line.rstrip("\n") + "\n")
+      except (ValueError, KeyError, TypeError):
+        pass
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
 
 
 def _progress(start, total):
@@ -267,22 +295,26 @@ def _progress(start, total):
 
 def _log_window(w, m, step, total, flops, peak, tasks, writer, bar) -> dict:
   dt = max(time.perf_counter() - w["time"], 1e-9)
-  n = max(w["n"], 1)
-  steps = max(w["n"], 1)
-  out = {"loss": w["loss"] / n, "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
-         "tokens_per_s": w["tokens"] / dt, "steps_per_s": steps / dt, "mfu": flops * steps / dt / peak}
+  steps = w["steps"]
+  nan = float("nan")
+  out = {"loss": w["loss"] / w["n"] if w["n"] else nan, "grad_norm": float(m["grad_norm"]),
+         "lr": float(m["lr"]), "tokens_per_s": w["tokens"] / dt if steps else nan,
+         "steps_per_s": steps / dt if steps else nan, "mfu": flops * steps / dt / peak if steps else nan}
   for i, name in enumerate(tasks):
     if w["task_n"][i] > 0:
       out[f"loss/{name}"] = float(w["task"][i] / w["task_n"][i])
   line = (f"step {step}/{total}  loss {out['loss']:.4f}  grad_norm {out['grad_norm']:.3f}  lr {out['lr']:.2e}  "
           f"tokens/s {out['tokens_per_s']:.0f}  mfu {out['mfu']:.2%}")
-  (bar.write if bar is not None else print)(line)
+  if bar is not None:
+    bar.write(line)
+  elif jax.process_index() == 0:
+    print(line, flush=True)
   if writer is not None:
     for k, v in out.items():
       if math.isfinite(v):
         writer.add_scalar(k if "/" in k else f"train/{k}", v, step)
     writer.flush()
-  w.update(loss=0.0, n=0, tokens=0.0, time=time.perf_counter(), task=np.zeros_like(w["task"]),
+  w.update(loss=0.0, n=0, steps=0, tokens=0.0, time=time.perf_counter(), task=np.zeros_like(w["task"]),
            task_n=np.zeros_like(w["task_n"]))
   return out
 

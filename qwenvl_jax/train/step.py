@@ -79,7 +79,10 @@ def train_step(state: TrainState, batch: dict, *, model: QwenVL, tx: optax.Gradi
   params = optax.apply_updates(state.params, updates)
   loss = ce_sum / denom
   grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # an update can overflow even when loss and gradients are finite (e.g. an absurd learning rate)
+  # (checked element-wise: the norm of a huge but finite update overflows)
+  updates_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)]))
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & updates_finite
   new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   if opts.skip_nonfinite:
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1))
