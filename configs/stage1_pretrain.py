@@ -16,6 +16,7 @@ from qwenvl_jax.train.config import STAGE_FREEZE, base_config
 def get_config():
   c = base_config()
   c.model.name = "qwen_vl_7b"
+  c.model.remat_policy = "full"  # recompute activations in the backward pass: a 7B at 2048 tokens needs it
   c.init.source = "random"
   c.data.update(source="jsonl", tokenizer="", mode="pretrain", image_size=224, seq_len=512, max_images=8,
                 batch_size=256)

@@ -15,6 +15,7 @@ from qwenvl_jax.train.config import STAGE_FREEZE, base_config
 def get_config():
   c = base_config()
   c.model.name = "qwen_vl_7b"
+  c.model.remat_policy = "full"  # recompute activations in the backward pass: a 7B at 2048 tokens needs it
   c.init.update(source="checkpoint", path="")
   c.data.update(source="jsonl", tokenizer="", mode="chat", image_size=448, seq_len=2048, max_images=8, batch_size=64)
   c.optim.update(lr=5e-5, min_lr=1e-5, warmup_steps=400, total_steps=19_000, freeze=STAGE_FREEZE["stage2"])
