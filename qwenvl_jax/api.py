@@ -89,6 +89,21 @@ class QwenVLModel:
     """[N, 3, H, W] normalised pixels -> image features [N, n_queries, hidden_size]."""
     return self._jit_images(self.params, self._pixels(pixel_values))
 
+  def check_inputs(self, ids: np.ndarray, mask: np.ndarray, pixel_values) -> None:
+    """Raise a one-line ValueError for ids outside the vocabulary, malformed image spans, or a span count that
+    differs from the number of images."""
+    c = self.config
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"input_ids must be a [B, S] integer array; got shape {ids.shape} dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size):
+      raise ValueError(f"input_ids outside the vocabulary [0, {c.vocab_size})")
+    if mask.shape != ids.shape:
+      raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+    spans = find_image_spans(np.where(mask.astype(bool), ids, -1), c)
+    n_images = 0 if pixel_values is None else self._pixels(pixel_values).shape[0]
+    if len(spans) != n_images:
+      raise ValueError(f"input_ids contain {len(spans)} image spans but {n_images} images were given")
+
   def logits(self, input_ids, attention_mask=None, pixel_values=None) -> jax.Array:
     """input_ids [B, S] (+ attention_mask [B, S], pixel_values [N, 3, H, W]) -> logits [B, S, vocab].
 
@@ -98,27 +113,27 @@ class QwenVLModel:
     """
     c = self.config
     ids = np.asarray(input_ids)
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-      raise ValueError(f"input_ids must be a [B, S] integer array; got shape {ids.shape} dtype {ids.dtype}")
-    if ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size):
-      raise ValueError(f"input_ids outside the vocabulary [0, {c.vocab_size})")
+    mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask)
+    self.check_inputs(ids, mask, pixel_values)
     if ids.shape[1] > c.max_position_embeddings:
       raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds max_position_embeddings "
                        f"{c.max_position_embeddings}")
-    if attention_mask is None:
-      mask = np.ones(ids.shape, np.int32)
-    else:
-      mask = np.asarray(attention_mask)
-      if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
-    spans = find_image_spans(ids, c)
-    pixels = None
-    if pixel_values is not None:
-      pixels = self._pixels(pixel_values)
-    n_images = 0 if pixels is None else pixels.shape[0]
-    if len(spans) != n_images:
-      raise ValueError(f"input_ids contain {len(spans)} image spans but {n_images} images were given")
+    pixels = None if pixel_values is None else self._pixels(pixel_values)
     return self._jit_logits(self.params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), pixels)
+
+  def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 64,
+               do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               stop_ids=None, seed: int = 0) -> np.ndarray:
+    """Continue prompts with the KV cache -> [B, S + n] ids (the prompts as given, then the new tokens).
+
+    Greedy unless do_sample (temperature, top_k, top_p); stops when every row produced one of `stop_ids` (e.g.
+    the tokenizer's im_end_id and eod_id) or after max_new_tokens. Rows may be right- or left-padded
+    (attention_mask); images as in `logits`.
+    """
+    from qwenvl_jax.infer.generate import generate
+    return generate(self, input_ids, pixel_values, attention_mask, max_new_tokens=max_new_tokens,
+                    do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids,
+                    seed=seed)
 
   def save(self, path: str, overwrite: bool = False) -> None:
     """Write this project's checkpoint (Orbax params + config + assets)."""

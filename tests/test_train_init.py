@@ -3,7 +3,6 @@
 import jax
 import numpy as np
 
-import qwenvl_jax as qv
 from qwenvl_jax.model import abstract_params
 from qwenvl_jax.sharding import logical_to_sharding, make_mesh
 from qwenvl_jax.train.config import base_config

@@ -1,0 +1,1 @@
+"""Inference: generation with the KV cache."""
