@@ -156,11 +156,14 @@ def load(path: str, dtype: str | None = "float32", progress: bool = False, **ove
     cfg = checkpoint.load_config(path).replace(**_dtype_overrides(dtype), **overrides)
     params = checkpoint.load(path, abstract_params(cfg))
     return QwenVLModel(cfg, params, assets_dir=checkpoint.assets_dir(path))
+  if is_training_workdir(path):
+    return _load_training_workdir(path, dtype, **overrides)
   try:
     checkpoint_files(path)
   except CheckpointError:
-    raise CheckpointError(f"{path} is neither a Hugging Face Qwen-VL folder (config.json + model weights) "
-                          f"nor a qwenvl_jax checkpoint ({checkpoint.CONFIG_FILE} + params/)") from None
+    raise CheckpointError(f"{path} is neither a Hugging Face Qwen-VL folder (config.json + model weights), "
+                          f"a qwenvl_jax checkpoint ({checkpoint.CONFIG_FILE} + params/) nor a train.py workdir "
+                          f"(config.json + checkpoints/)") from None
   cfg = load_hf_config(path, **_dtype_overrides(dtype or "float32"), **overrides)
   bar = _progress_bar(path) if progress else None
   params = import_hf_params(path, cfg, abstract_params(cfg), dtype=cfg.param_dtype,
@@ -169,6 +172,39 @@ def load(path: str, dtype: str | None = "float32", progress: bool = False, **ove
     bar.close()
   params = jax.tree.map(jnp.asarray, params)
   return QwenVLModel(cfg, params, assets_dir=path)
+
+
+def is_training_workdir(path: str) -> bool:
+  return os.path.isdir(os.path.join(path, "checkpoints")) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _load_training_workdir(path: str, dtype: str | None, **overrides) -> QwenVLModel:
+  """The params of the latest checkpoint of a `train.py` workdir (one stage), with its model config."""
+  import json
+
+  import ml_collections
+
+  from qwenvl_jax.train.checkpointing import latest_params
+  from qwenvl_jax.train.loop import model_config
+
+  with open(os.path.join(path, "config.json")) as f:
+    train_cfg = ml_collections.ConfigDict(json.load(f))
+  cfg = model_config(train_cfg).replace(**_dtype_overrides(dtype), **overrides)
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = abstract_params(cfg)
+  params, _ = latest_params(path, abstract, jax.tree.map(lambda _: dev, abstract))
+  return QwenVLModel(cfg, params)
+
+
+def find_tokenizer(path: str) -> str | None:
+  """The tokenizer file that belongs to a checkpoint: HF folder, our checkpoint's assets/, or a training workdir
+  (or the chained run above it)."""
+  candidates = [path, os.path.join(path, "assets"), os.path.dirname(os.path.abspath(path))]
+  for folder in candidates:
+    for name in ("qwen.tiktoken", "tokenizer.model"):
+      if os.path.isfile(os.path.join(folder, name)):
+        return os.path.join(folder, name)
+  return None
 
 
 def export_hf(model: QwenVLModel, out_dir: str, dtype: str = "bfloat16", max_shard_size: int | str = "5GB",

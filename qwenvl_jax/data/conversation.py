@@ -32,9 +32,10 @@ class Tokenized:
   loss_mask: list[int]
 
 
-def image_prompt(refs) -> str:
-  """'Picture 1: <img>a.png</img>\\nPicture 2: <img>b.png</img>\\n' for the given image references."""
-  return "".join(f"Picture {i + 1}: <img>{r}</img>\n" for i, r in enumerate(refs))
+def image_prompt(refs, start: int = 0) -> str:
+  """'Picture 1: <img>a.png</img>\\nPicture 2: <img>b.png</img>\\n' for the given image references, numbered
+  after `start` images already in the conversation."""
+  return "".join(f"Picture {start + i + 1}: <img>{r}</img>\n" for i, r in enumerate(refs))
 
 
 def normalize_roles(conversations, where: str = "sample") -> list[tuple[str, str]]:
