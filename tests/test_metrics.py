@@ -2,8 +2,7 @@
 
 import pytest
 
-from qwenvl_jax.evals.metrics import (anls, cider, exact_match, grounding_hit, iou, normalize_vqa_answer,
-                                      vqa_accuracy)
+from qwenvl_jax.evals.metrics import anls, cider, exact_match, grounding_hit, iou, normalize_vqa_answer, vqa_accuracy
 
 
 @pytest.mark.parametrize("raw,norm", [("Two", "2"), ("the Red circle.", "red circle"), ("yes!", "yes"),

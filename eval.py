@@ -1,0 +1,84 @@
+"""Evaluate a checkpoint: python eval.py --config=configs/<name>.py --checkpoint=DIR [--split=test] [--max_examples=N]
+
+Generates greedy answers over an evaluation split of the config's data source (the synthetic shapes splits, the
+shapes TFDS build, or a JSONL file in the official finetune format) and reports captioning CIDEr, VQA accuracy,
+grounding accuracy at IoU >= 0.5, OCR exact match and ANLS. Writes predictions.jsonl and metrics.json to --out
+(default: DIR/eval_<split>).
+"""
+
+import json
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "the training config (data source, image size, tokenizer)")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF folder, qwenvl_jax checkpoint or train.py workdir")
+_SPLIT = flags.DEFINE_string("split", "test", "evaluation split (shapes / TFDS)")
+_MAX = flags.DEFINE_integer("max_examples", None, "evaluate only the first N examples")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "prompts generated together")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 48, "answer length limit")
+_OUT = flags.DEFINE_string("out", None, "output folder (default: CHECKPOINT/eval_<split>)")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "default: the tokenizer stored with the checkpoint")
+
+
+def run(c, checkpoint: str, split: str, out: str) -> dict:
+  import qwenvl_jax as qv
+  from qwenvl_jax.api import find_tokenizer
+  from qwenvl_jax.evals.evaluate import evaluate
+
+  if not os.path.exists(checkpoint):
+    raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+  model = qv.load(checkpoint)
+  tok_path = _TOKENIZER.value or find_tokenizer(checkpoint) or (c.data.tokenizer if c.data.tokenizer != "shapes" else None)
+  if tok_path is None:
+    raise FileNotFoundError(f"no tokenizer found with {checkpoint}; pass --tokenizer")
+  tok = qv.load_tokenizer(tok_path, image_span=model.config.visual.n_queries)
+  source = _source(c, split, model.config.visual.image_size)
+  metrics, predictions = evaluate(model, tok, source, max_examples=_MAX.value, batch_size=_BATCH.value,
+                                  max_new_tokens=_MAX_NEW.value)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "predictions.jsonl"), "w") as f:
+    for p in predictions:
+      f.write(json.dumps(p) + "\n")
+  with open(os.path.join(out, "metrics.json"), "w") as f:
+    json.dump(metrics, f, indent=2)
+  return metrics
+
+
+def _source(c, split, image_size):
+  d = c.data
+  if d.source == "shapes":
+    from qwenvl_jax.data.shapes import ShapesSource
+    return ShapesSource(split, seed=c.seed, image_size=image_size)
+  if d.source == "jsonl":
+    from qwenvl_jax.data.jsonl import JsonlSource
+    return JsonlSource(d.path, image_root=d.image_root or None)
+  from qwenvl_jax.data.tfds_sources import ShapesTfdsSource
+  return ShapesTfdsSource(d.path, split)
+
+
+def main(argv) -> int:
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  try:
+    flags.FLAGS(argv)
+    if _CONFIG.value is None or not _CHECKPOINT.value:
+      raise ValueError("--config and --checkpoint are required")
+    out = _OUT.value or os.path.join(_CHECKPOINT.value, f"eval_{_SPLIT.value}")
+    metrics = run(_CONFIG.value, _CHECKPOINT.value, _SPLIT.value, out)
+  except Exception as e:  # noqa: BLE001 - flags, config, checkpoint and data errors all end here as one line
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+    print(f"error: {lines[0]}", file=sys.stderr)
+    return 2
+  for k, v in metrics["summary"].items():
+    print(f"{k:>20s}  {v:.4f}")
+  for task, m in metrics["per_task"].items():
+    print(f"{task:>20s}  " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
+  print(f"wrote {out}/metrics.json and predictions.jsonl")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))

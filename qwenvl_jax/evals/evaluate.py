@@ -1,0 +1,127 @@
+"""Run a model over an evaluation source and score each task with its metric.
+
+Each record's last user turn is the question (earlier turns are the chat history, as in `chat`), its last assistant
+turn the reference. Task -> metric: caption, grounded_caption -> CIDEr; vqa_*, multi_image, text, chat -> VQA
+accuracy; grounding -> accuracy at IoU >= 0.5 of the first predicted box; ocr -> exact match and ANLS.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import numpy as np
+
+from qwenvl_jax.data.boxes import parse_boxes
+from qwenvl_jax.data.conversation import DEFAULT_SYSTEM, make_context, normalize_roles
+from qwenvl_jax.data.images import preprocess_image
+from qwenvl_jax.evals import metrics as M
+
+_IMG = re.compile(r"<img>(.*?)</img>", re.S)
+CAPTION_TASKS = ("caption", "grounded_caption")
+
+
+def metric_kind(task: str) -> str:
+  if task in CAPTION_TASKS:
+    return "caption"
+  if task == "grounding":
+    return "grounding"
+  if task == "ocr":
+    return "ocr"
+  return "vqa"
+
+
+def prompt_of(record: dict, tokenizer, system: str = DEFAULT_SYSTEM):
+  """-> (prompt ids, image references in order, reference answer)."""
+  turns = normalize_roles(record["conversations"], record.get("source", record.get("id", "record")))
+  if turns[-1][0] != "assistant":
+    raise ValueError(f"{record.get('id')}: the last turn must be the assistant's reference answer")
+  pairs = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 2, 2)]
+  query, reference = turns[-2][1], turns[-1][1]
+  _, ids = make_context(tokenizer, query, pairs, system)
+  refs = [r for q, _ in pairs for r in _IMG.findall(q)] + _IMG.findall(query)
+  return ids, refs, reference
+
+
+def generate_batch(model, tokenizer, records, max_new_tokens: int) -> list[str]:
+  """Greedy answers for a list of records (one batched generate call)."""
+  size = model.config.visual.image_size
+  prompts, pixels = [], []
+  for r in records:
+    ids, refs, _ = prompt_of(r, tokenizer)
+    prompts.append(ids)
+    pixels += [preprocess_image(r["images"][ref], size, name=f"{r.get('id')}:{ref}") for ref in refs]
+  s = max(len(p) for p in prompts)
+  ids = np.zeros((len(prompts), s), np.int64)
+  mask = np.zeros((len(prompts), s), np.int32)
+  for i, p in enumerate(prompts):
+    ids[i, :len(p)] = p
+    mask[i, :len(p)] = 1
+  stops = [tokenizer.im_end_id, tokenizer.eod_id]
+  out = model.generate(ids, pixel_values=np.stack(pixels) if pixels else None, attention_mask=mask,
+                       max_new_tokens=max_new_tokens, stop_ids=stops)
+  answers = []
+  for row in out[:, s:]:
+    new = [int(t) for t in row]
+    cut = next((k for k, t in enumerate(new) if t in stops), len(new))
+    answers.append(tokenizer.decode(new[:cut]).strip())
+  return answers
+
+
+def score(predictions: list[dict]) -> dict:
+  """predictions: [{'id', 'task', 'prediction', 'reference'}] -> summary and per-task metrics."""
+  by_task = collections.defaultdict(list)
+  for p in predictions:
+    by_task[p["task"]].append(p)
+  per_task, pooled = {}, collections.defaultdict(list)
+  for task, items in sorted(by_task.items()):
+    kind = metric_kind(task)
+    if kind == "caption":
+      value = M.cider({i: p["prediction"] for i, p in enumerate(items)}, {i: [p["reference"]] for i, p in enumerate(items)})
+      per_task[task] = {"cider": value, "n": len(items)}
+      if task == "caption":
+        pooled["caption_cider"].append((value, len(items)))
+    elif kind == "grounding":
+      hits = []
+      for p in items:
+        ref, pred = parse_boxes(p["reference"]), parse_boxes(p["prediction"])
+        hits.append(M.grounding_hit(pred[0] if pred else None, ref[0]) if ref else 0.0)
+      per_task[task] = {"acc@0.5": float(np.mean(hits)), "n": len(items)}
+      pooled["grounding_acc@0.5"].append((per_task[task]["acc@0.5"], len(items)))
+    elif kind == "ocr":
+      em = float(np.mean([M.exact_match(p["prediction"], [p["reference"]]) for p in items]))
+      an = float(np.mean([M.anls(p["prediction"], [p["reference"]]) for p in items]))
+      per_task[task] = {"exact_match": em, "anls": an, "n": len(items)}
+      pooled["ocr_exact_match"].append((em, len(items)))
+      pooled["ocr_anls"].append((an, len(items)))
+    else:
+      acc = float(np.mean([M.vqa_accuracy(p["prediction"], [p["reference"]]) for p in items]))
+      per_task[task] = {"vqa_accuracy": acc, "n": len(items)}
+      if task.startswith("vqa") or task not in ("text", "multi_image"):
+        pooled["vqa_accuracy"].append((acc, len(items)))
+  summary = {k: sum(v * n for v, n in vals) / sum(n for _, n in vals) for k, vals in pooled.items()}
+  return {"summary": summary, "per_task": per_task, "n": len(predictions)}
+
+
+def evaluate(model, tokenizer, source, max_examples: int | None = None, batch_size: int = 8,
+             max_new_tokens: int = 48, progress: bool = True) -> tuple[dict, list[dict]]:
+  """Generate for the first `max_examples` records of `source` and score them -> (metrics, predictions)."""
+  n = len(source) if max_examples is None else min(max_examples, len(source))
+  records = [source[i] for i in range(n)]
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(total=n, desc="eval", unit="example")
+  predictions = []
+  # batches of one task: similar prompt lengths, so left padding wastes little
+  order = sorted(range(n), key=lambda i: (records[i].get("task", ""), i))
+  for start in range(0, n, batch_size):
+    chunk = [records[i] for i in order[start:start + batch_size]]
+    for r, answer in zip(chunk, generate_batch(model, tokenizer, chunk, max_new_tokens)):
+      predictions.append({"id": r.get("id"), "task": r.get("task", "chat"), "prediction": answer,
+                          "reference": prompt_of(r, tokenizer)[2]})
+    if bar is not None:
+      bar.update(len(chunk))
+  if bar is not None:
+    bar.close()
+  return score(predictions), predictions
