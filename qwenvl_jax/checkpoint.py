@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from qwenvl_jax.config import QwenVLConfig, as_dtype, from_json_dict, to_json_dict
+from qwenvl_jax.config import QwenVLConfig, from_json_dict, to_json_dict
 
 CONFIG_FILE = "qwenvl_config.json"
 GROUP_BYTES = 1 << 30
@@ -84,15 +84,15 @@ def load_config(path: str) -> QwenVLConfig:
     raise ValueError(f"{cfg_path}: unreadable model config ({e})") from None
 
 
-def load(path: str, abstract, dtype: str | None = None, shardings=None):
-  """Restore params shaped like `abstract` (tree of ShapeDtypeStruct), cast to `dtype` if given, placed
+def load(path: str, abstract, shardings=None):
+  """Restore params shaped like `abstract` (tree of ShapeDtypeStruct, dtypes included: a stored dtype is cast), placed
   with `shardings` (a matching tree of jax shardings) or on the first device."""
   path = os.path.abspath(path)
   if shardings is None:
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: dev, abstract)
   target = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, as_dtype(dtype) if dtype else x.dtype, sharding=s),
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract, shardings)
   flat_target = flatten_dict(target)
   try:
@@ -120,7 +120,3 @@ def load(path: str, abstract, dtype: str | None = None, shardings=None):
 def assets_dir(path: str) -> str | None:
   a = os.path.join(path, "assets")
   return a if os.path.isdir(a) else None
-
-
-def to_numpy(tree):
-  return jax.tree.map(np.asarray, tree)

@@ -37,17 +37,19 @@ def hf_to_orbax(src: str, dst: str, dtype: str, overwrite: bool) -> None:
 
 
 def orbax_to_hf(src: str, dst: str, dtype: str, max_shard_size: str) -> None:
+  import jax
+  import numpy as np
   from tqdm import tqdm
 
   from qwenvl_jax import checkpoint
-  from qwenvl_jax.convert.hf import export_hf_folder
+  from qwenvl_jax.convert.hf import NP_DTYPES, export_hf_folder
   from qwenvl_jax.model import abstract_params
 
   if not checkpoint.is_checkpoint(src):
     raise FileNotFoundError(f"{src} is not a qwenvl_jax checkpoint ({checkpoint.CONFIG_FILE} + params/)")
   cfg = checkpoint.load_config(src)
   params = checkpoint.load(src, abstract_params(cfg))
-  total = sum(x.size for x in __import__("jax").tree.leaves(params)) * (2 if dtype != "float32" else 4)
+  total = sum(x.size for x in jax.tree.leaves(params)) * np.dtype(NP_DTYPES[dtype]).itemsize
   with tqdm(total=total, unit="B", unit_scale=True, desc="write HF shards") as bar:
     export_hf_folder(params, cfg, dst, dtype=dtype, max_shard_size=max_shard_size,
                      assets_dir=checkpoint.assets_dir(src), progress=bar.update)
