@@ -30,7 +30,7 @@ def run(c, checkpoint: str, split: str, out: str) -> dict:
 
   if not os.path.exists(checkpoint):
     raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-  model = qv.load(checkpoint)
+  model = qv.load(checkpoint, scan_layers=False)  # unrolled layers decode faster
   tok_path = _TOKENIZER.value or find_tokenizer(checkpoint) or (c.data.tokenizer if c.data.tokenizer != "shapes" else None)
   if tok_path is None:
     raise FileNotFoundError(f"no tokenizer found with {checkpoint}; pass --tokenizer")

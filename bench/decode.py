@@ -3,9 +3,11 @@
     python bench/decode.py [--prompt 64 --new 128 --layers 4 --hidden 256 --heads 4 --mlp 512 --vocab 1024]
 
 Both models are random, float32, on this machine's CPU (torch with as many threads as cores). Ours: `generate`
-(jitted prefill + while_loop over the KV cache), greedy, text only; transformers: `generate` greedy with its
-KV cache and the same number of new tokens. Reported: time to first token (the prefill + one token), decode
-tokens/s after the first token, and the ratio. Compilation is excluded (one warm-up call each).
+(jitted prefill + while_loop over the KV cache), greedy, text only, with unrolled layers (`qv.load(...,
+scan_layers=False)`, what the inference CLI and eval.py use; the scanned training layout is timed too);
+transformers: `generate` greedy with its KV cache and the same number of new tokens. Reported: time to first token
+(the prefill + one token), decode tokens/s after the first token, and the ratio.
+Compilation is excluded (one warm-up call each).
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def main():
                              kv_channels=args.hidden // args.heads, intermediate_size=2 * args.mlp,
                              vocab_size=args.vocab, visual=dict(output_dim=args.hidden))
   prompt = list(np.random.default_rng(0).integers(300, args.vocab, size=args.prompt))
-  rows = {"qwenvl_jax": time_ours(cfg, prompt, args.new, args.repeats),
+  rows = {"qwenvl_jax": time_ours(cfg.replace(scan_layers=False), prompt, args.new, args.repeats),
+          "qwenvl_jax (scanned layers)": time_ours(cfg, prompt, args.new, args.repeats),
           "transformers Qwen2ForCausalLM": time_transformers(cfg, prompt, args.new, args.repeats)}
   print(f"decoder: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, MLP {args.mlp}, vocab {args.vocab}; "
         f"prompt {args.prompt} tokens, {args.new} new tokens, batch 1, float32, CPU")

@@ -23,6 +23,7 @@ from qwenvl_jax.convert.hf import export_hf_folder, import_hf_params
 from qwenvl_jax.convert.tensor_io import CheckpointError, checkpoint_files
 from qwenvl_jax.model import QwenVL, abstract_params, init_params
 from qwenvl_jax.model import count_params as _count_from_config
+from qwenvl_jax.nn.layers import stack_layers, unstack_layers
 
 
 def find_image_spans(input_ids: np.ndarray, cfg: QwenVLConfig) -> list[tuple[int, int, int]]:
@@ -148,13 +149,15 @@ def load(path: str, dtype: str | None = "float32", progress: bool = False, **ove
   """Load an HF Qwen-VL folder (safetensors or pytorch_model*.bin) or this project's checkpoint.
 
   dtype: parameter and compute dtype ('float32' | 'bfloat16' | None = keep the checkpoint's for ours).
-  overrides: QwenVLConfig fields (e.g. scan_layers=False, use_logn_attn=False).
+  overrides: QwenVLConfig fields (e.g. use_logn_attn=False, or scan_layers=False: unrolled layers, whose
+  per-layer KV-cache buffers make decoding faster; any checkpoint converts to either layout on load).
   """
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint path {path} does not exist")
   if checkpoint.is_checkpoint(path):
-    cfg = checkpoint.load_config(path).replace(**_dtype_overrides(dtype), **overrides)
-    params = checkpoint.load(path, abstract_params(cfg))
+    stored = checkpoint.load_config(path).replace(**_dtype_overrides(dtype))
+    cfg = stored.replace(**overrides)
+    params = _relayout(checkpoint.load(path, abstract_params(stored)), stored.scan_layers, cfg.scan_layers)
     return QwenVLModel(cfg, params, assets_dir=checkpoint.assets_dir(path))
   if is_training_workdir(path):
     return _load_training_workdir(path, dtype, **overrides)
@@ -189,11 +192,19 @@ def _load_training_workdir(path: str, dtype: str | None, **overrides) -> QwenVLM
 
   with open(os.path.join(path, "config.json")) as f:
     train_cfg = ml_collections.ConfigDict(json.load(f))
-  cfg = model_config(train_cfg).replace(**_dtype_overrides(dtype), **overrides)
+  stored = model_config(train_cfg).replace(**_dtype_overrides(dtype))
+  cfg = stored.replace(**overrides)
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = abstract_params(cfg)
+  abstract = abstract_params(stored)
   params, _ = latest_params(path, abstract, jax.tree.map(lambda _: dev, abstract))
-  return QwenVLModel(cfg, params)
+  return QwenVLModel(cfg, _relayout(params, stored.scan_layers, cfg.scan_layers))
+
+
+def _relayout(params, stored_scan: bool, scan: bool):
+  """Parameters saved with scanned (stacked) or unrolled layers, in the layout `scan` asks for."""
+  if stored_scan == scan:
+    return params
+  return unstack_layers(params) if stored_scan else stack_layers(params)
 
 
 def find_tokenizer(path: str) -> str | None:

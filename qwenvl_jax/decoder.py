@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from qwenvl_jax.config import QwenVLConfig, as_dtype
-from qwenvl_jax.nn.attention import KVCache, dot_product_attention
+from qwenvl_jax.nn.attention import KVCache, cached_attention, dot_product_attention
 from qwenvl_jax.nn.layers import RMSNorm, apply_layers, dense
 from qwenvl_jax.nn.rotary import apply_rope
 
@@ -45,12 +45,14 @@ class SelfAttention(nn.Module):
     if io.query_scale is not None:
       q = (q.astype(jnp.float32) * io.query_scale[:, :, None, None]).astype(q.dtype)
     new_cache = None
-    if layer_cache is not None:
-      ck, cv = layer_cache
-      k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), io.cache_start, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), io.cache_start, axis=1)
-      new_cache = (k, v)
-    out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), io.mask)
+    if layer_cache is None:
+      out = dot_product_attention(q, k, v, io.mask)
+    else:
+      ck, cv = layer_cache  # [B, H, T, Dh]
+      ck = jax.lax.dynamic_update_slice_in_dim(ck, k.swapaxes(1, 2).astype(ck.dtype), io.cache_start, axis=2)
+      cv = jax.lax.dynamic_update_slice_in_dim(cv, v.swapaxes(1, 2).astype(cv.dtype), io.cache_start, axis=2)
+      new_cache = (ck, cv)
+      out = cached_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), io.mask)
     out = dense(c.hidden_size, ("heads", "kv", "embed"), name="o", use_bias=not c.no_bias, contract=2,
                 **kw)(out)
     return out, new_cache
@@ -90,10 +92,14 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, io: StepInputs, cache: KVCache | None = None):
-    """x: [B, S, D] input embeddings -> (hidden [B, S, D] after ln_f, updated (k, v) stacks or None)."""
+    """x: [B, S, D] input embeddings -> (hidden [B, S, D] after ln_f, updated (k, v) in the cache's form, or None)."""
     c = self.cfg
-    layer_caches = None if cache is None else (cache.k, cache.v)
+    layer_caches = None
+    if cache is not None:
+      layer_caches = list(zip(cache.k, cache.v)) if isinstance(cache.k, tuple) else (cache.k, cache.v)
     x, new_kv = apply_layers(DecoderBlock, dict(cfg=c), x, (io,), layer_caches, length=c.num_hidden_layers,
                              scan=c.scan_layers, remat=c.remat_policy)
+    if isinstance(new_kv, list):  # per-layer buffers
+      new_kv = (tuple(k for k, _ in new_kv), tuple(v for _, v in new_kv))
     x = RMSNorm(c.layer_norm_epsilon, name="ln_f", dtype=as_dtype(c.dtype), param_dtype=as_dtype(c.param_dtype))(x)
     return x, new_kv

@@ -31,6 +31,13 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
+def tiny_model_unrolled():
+  """The fixture model with unrolled layers (per-layer KV cache buffers when decoding)."""
+  import qwenvl_jax as qv
+  return qv.load(FIXTURE_DIR, dtype="float32", scan_layers=False)
+
+
+@pytest.fixture(scope="session")
 def fixture_tensors():
   from safetensors.numpy import load_file
   return load_file(os.path.join(FIXTURE_DIR, "model.safetensors"))

@@ -1,5 +1,6 @@
 """Public API behaviour: counts, padding, images, dtypes, layer stacking and bad input."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -64,6 +65,19 @@ def test_unscanned_layers_give_same_logits(fixture_dir, case, tiny_model):
   a = np.asarray(loop.logits(c["input_ids"], c["attention_mask"], c["pixel_values"]))
   b = np.asarray(tiny_model.logits(c["input_ids"], c["attention_mask"], c["pixel_values"]))
   np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_checkpoints_load_in_either_layer_layout(tmp_path, tiny_model, tiny_model_unrolled):
+  """Our checkpoints restack or unroll the layers on load; the parameters themselves are unchanged."""
+  tiny_model.save(str(tmp_path / "scanned"))
+  tiny_model_unrolled.save(str(tmp_path / "unrolled"))
+  pairs = [(qv.load(str(tmp_path / "scanned"), scan_layers=False), tiny_model_unrolled),
+           (qv.load(str(tmp_path / "unrolled"), scan_layers=True), tiny_model)]
+  for loaded, expected in pairs:
+    assert loaded.config.scan_layers == expected.config.scan_layers
+    assert jax.tree.structure(loaded.params) == jax.tree.structure(expected.params)
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(expected.params)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_bfloat16_model_tracks_float32(fixture_dir, case, tiny_model):

@@ -8,10 +8,12 @@ import pytest
 from qwenvl_jax.infer.generate import sample_logits
 
 
+@pytest.mark.parametrize("layout", ["tiny_model", "tiny_model_unrolled"])
 @pytest.mark.parametrize("name,prefix", [("generate", ""), ("boundary", ""), ("long", "cont_")])
-def test_greedy_matches_official(tiny_model, case, name, prefix):
+def test_greedy_matches_official(request, case, name, prefix, layout):
+  model = request.getfixturevalue(layout)  # scanned layers (stacked cache) and unrolled (per-layer cache buffers)
   c = case(name)
-  out = tiny_model.generate(c["input_ids"], pixel_values=c["pixel_values"], max_new_tokens=int(c["n_new"]))
+  out = model.generate(c["input_ids"], pixel_values=c["pixel_values"], max_new_tokens=int(c["n_new"]))
   s = c["input_ids"].shape[1]
   np.testing.assert_array_equal(out[:, :s], c["input_ids"])
   np.testing.assert_array_equal(out[0, s:], c[prefix + "new_tokens"])

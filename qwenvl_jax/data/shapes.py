@@ -81,7 +81,7 @@ def picture_prefix(num_images: int) -> str:
   return "".join(f"Picture {k + 1}: <img>img{k}</img>\n" for k in range(num_images))
 
 
-def _resolve_mix(mix: Mapping[str, float] | Sequence[str] | None) -> tuple[tuple[str, ...], np.ndarray]:
+def resolve_mix(mix: Mapping[str, float] | Sequence[str] | None) -> tuple[tuple[str, ...], np.ndarray]:
   """Task names and their cumulative probabilities; a sequence of names means equal weights."""
   if mix is None:
     mix = DEFAULT_MIX
@@ -374,7 +374,7 @@ def generate(split: str, index: int, seed: int = 0, image_size: int = DEFAULT_IM
   `objects` holds one list per image of {"shape", "color", "box": [x1, y1, x2, y2] pixels} (OCR words appear as
   shape "text" with an extra "text" key).
   """
-  names, cum = _resolve_mix(mix)
+  names, cum = resolve_mix(mix)
   return _make(split, int(index), int(seed), int(image_size), names, cum, task)
 
 
@@ -390,7 +390,7 @@ class ShapesSource:
     self.seed = int(seed)
     self.image_size = int(image_size)
     self.mix = dict(mix) if isinstance(mix, Mapping) else (tuple(mix) if mix is not None else None)
-    self._names, self._cum = _resolve_mix(self.mix)
+    self._names, self._cum = resolve_mix(self.mix)
 
   def __len__(self) -> int:
     return self.num_records

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     tok_path = args.tokenizer or find_tokenizer(args.checkpoint)
     if tok_path is None:
       raise FileNotFoundError(f"no tokenizer found with {args.checkpoint}; pass --tokenizer")
-    model = qv.load(args.checkpoint, dtype=args.dtype)
+    model = qv.load(args.checkpoint, dtype=args.dtype, scan_layers=False)  # unrolled layers decode faster
     tok = qv.load_tokenizer(tok_path, image_span=model.config.visual.n_queries)
     if args.prompt is not None:
       _answer(model, tok, args.prompt, None, args.image, args)

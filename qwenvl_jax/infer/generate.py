@@ -58,7 +58,8 @@ def _generate(params, ids, mask, pixel_values, alpha, rng, stop_ids, temperature
   cfg = module.cfg
   b, p = ids.shape
   dtype = jnp.dtype(cfg.dtype)
-  cache = KVCache.empty(cfg.num_hidden_layers, b, p + max_new_tokens, cfg.num_attention_heads, cfg.head_dim, dtype)
+  cache = KVCache.empty(cfg.num_hidden_layers, b, p + max_new_tokens, cfg.num_attention_heads, cfg.head_dim, dtype,
+                        per_layer=not cfg.scan_layers)
   logits, cache = module.apply({"params": params}, ids, attention_mask=mask, pixel_values=pixel_values, cache=cache,
                                ntk_alpha_value=alpha)
 

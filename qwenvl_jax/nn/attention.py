@@ -20,24 +20,31 @@ from qwenvl_jax.nn.layers import dense
 class KVCache:
   """Decoder KV cache; every row's tokens sit at the same slots (prompts are left-padded).
 
-  k, v:   [L, B, T, H, Dh]  keys after RoPE, values
+  k, v:   [L, B, H, T, Dh] keys after RoPE, values (scanned layers), or tuples of L arrays [B, H, T, Dh]
+          (unrolled layers: each layer's buffers are updated in place). Heads before slots, so both attention
+          products read the cache as stored (batch dims leading) instead of transposing all of it every step.
   valid:  [B, T] bool       slot holds a real (non-padding) token
   length: [] int32          number of slots filled so far (same for all rows)
   """
-  k: jax.Array
-  v: jax.Array
+  k: jax.Array | tuple[jax.Array, ...]
+  v: jax.Array | tuple[jax.Array, ...]
   valid: jax.Array
   length: jax.Array
 
   @classmethod
-  def empty(cls, num_layers: int, batch: int, max_len: int, heads: int, head_dim: int, dtype) -> "KVCache":
-    shape = (num_layers, batch, max_len, heads, head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               valid=jnp.zeros((batch, max_len), bool), length=jnp.zeros((), jnp.int32))
+  def empty(cls, num_layers: int, batch: int, max_len: int, heads: int, head_dim: int, dtype,
+            per_layer: bool = False) -> "KVCache":
+    valid, length = jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32)
+    if per_layer:
+      shape = (batch, heads, max_len, head_dim)
+      zeros = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+      return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)), valid=valid, length=length)
+    shape = (num_layers, batch, heads, max_len, head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), valid=valid, length=length)
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[2]
+    return self.valid.shape[1]
 
 
 def make_attention_mask(q_slots: jax.Array, key_valid: jax.Array, q_segments: jax.Array | None = None,
@@ -58,6 +65,18 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   pick a fused kernel on TPU/GPU.
   """
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Attention over a KV cache in its heads-major layout.
+
+  q: [B, S, H, Dh]; k/v: [B, H, T, Dh]; mask: [B, 1, S, T] bool -> [B, S, H, Dh]. Scores and softmax in float32,
+  scaled by Dh^-0.5 as `dot_product_attention`.
+  """
+  scores = jnp.einsum("bshd,bhtd->bhst", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhst,bhtd->bshd", probs, v)
 
 
 class MultiHeadAttention(nn.Module):

@@ -121,10 +121,45 @@ def apply_layers(block_cls: type[nn.Module], block_kwargs: dict, carry, broadcas
                       in_axes=(nn.broadcast,) * len(broadcast) + (0,), length=length,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     return stacked(**block_kwargs, name="layers")(carry, *broadcast, scanned)
+  # Unrolled, `scanned` may also be a list with one entry per layer (then so is the output): separate per-layer
+  # buffers (e.g. the decoding KV cache) are updated in place instead of being sliced out of and restacked into
+  # one array at every call.
+  per_layer = isinstance(scanned, list)
   outs = []
   for i in range(length):
-    layer_in = None if scanned is None else jax.tree.map(lambda a: a[i], scanned)
+    layer_in = scanned[i] if per_layer else None if scanned is None else jax.tree.map(lambda a: a[i], scanned)
     carry, out = block_cls(**block_kwargs, name=f"layers_{i}")(carry, *broadcast, layer_in)
     outs.append(out)
-  stacked_out = None if outs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
-  return carry, stacked_out
+  if per_layer or outs[0] is None:
+    return carry, (outs if per_layer else None)
+  return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+
+def unstack_layers(params: dict) -> dict:
+  """Scanned parameters (a `layers` subtree with a leading layer axis) -> unrolled `layers_0 .. layers_{L-1}`."""
+  if not isinstance(params, dict):
+    return params
+  out = {}
+  for key, value in params.items():
+    if key == "layers" and isinstance(value, dict):
+      n = jax.tree.leaves(value)[0].shape[0]
+      for i in range(n):
+        out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], value)
+    else:
+      out[key] = unstack_layers(value)
+  return out
+
+
+def stack_layers(params: dict) -> dict:
+  """The inverse of `unstack_layers`: `layers_0 .. layers_{L-1}` -> one `layers` subtree with a leading axis."""
+  if not isinstance(params, dict):
+    return params
+  out, layers = {}, {}
+  for key, value in params.items():
+    if key.startswith("layers_") and key[7:].isdigit():
+      layers[int(key[7:])] = value
+    else:
+      out[key] = stack_layers(value)
+  if layers:
+    out["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *[layers[i] for i in range(len(layers))])
+  return out

@@ -29,11 +29,13 @@ def base_config() -> ml_collections.ConfigDict:
       image_root="",         # jsonl: folder image paths are relative to (default: the data file's folder)
       tokenizer="shapes",    # a qwen.tiktoken / folder / .model path, or 'shapes' (train one into the workdir)
       num_records=0,         # shapes: records per epoch (0 = the split size)
+      mix="",                # shapes: task weights "caption=2,ocr=1,..." (tasks left out get 0; "" = default mix)
       mode="chat", seq_len=2048, image_size=448, max_images=8, batch_size=8, truncation="truncate",
       strict=False, num_threads=2, packing_window=512))
   c.optim = ml_collections.ConfigDict(dict(
       lr=5e-5, min_lr=1e-5, warmup_steps=400, total_steps=10_000, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.05,
-      clip_norm=1.0, layer_decay=0.95, freeze=STAGE_FREEZE["stage2"], z_loss=0.0, grad_accum=1, loss_chunk=512))
+      clip_norm=1.0, layer_decay=0.95, freeze=STAGE_FREEZE["stage2"], z_loss=0.0, grad_accum=1, loss_chunk=512,
+      vision_lr_scale=1.0))  # LR multiplier of the ViT and the adapter
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
   c.log = ml_collections.ConfigDict(dict(every=10, tensorboard=True, progress=True))
@@ -68,6 +70,24 @@ def resolve_stage(config: ml_collections.ConfigDict, name: str) -> ml_collection
   return c
 
 
+def parse_mix(text: str) -> dict[str, float] | None:
+  """'caption=2, ocr=1' -> {'caption': 2.0, 'ocr': 1.0} (checked against the shapes tasks); '' -> None (default)."""
+  from qwenvl_jax.data.shapes import resolve_mix
+  if not text.strip():
+    return None
+  mix = {}
+  for item in text.split(","):
+    name, sep, weight = item.partition("=")
+    try:
+      mix[name.strip()] = float(weight)
+    except ValueError:
+      sep = ""
+    if not sep:
+      raise ValueError(f"{item.strip()!r} is not task=weight")
+  resolve_mix(mix)
+  return mix
+
+
 def validate(c: ml_collections.ConfigDict, dry_run: bool = False) -> None:
   """Raise ValueError with one line naming the first bad value (dry_run: paths are not needed)."""
   def need(cond, msg):
@@ -79,6 +99,11 @@ def validate(c: ml_collections.ConfigDict, dry_run: bool = False) -> None:
        "init.path is required when init.source is hf or checkpoint")
   need(c.data.source in ("shapes", "jsonl", "tfds_shapes"), f"data.source {c.data.source!r}: shapes|jsonl|tfds_shapes")
   need(dry_run or c.data.source == "shapes" or c.data.path, f"data.path is required for data.source={c.data.source}")
+  if c.data.source == "shapes":
+    try:
+      parse_mix(c.data.mix)
+    except ValueError as e:
+      need(False, f"data.mix: {e}")
   need(c.data.seq_len > 0 and c.data.batch_size > 0, "data.seq_len and data.batch_size must be positive")
   need(c.data.batch_size % c.optim.grad_accum == 0, "data.batch_size must be a multiple of optim.grad_accum")
   need(c.optim.total_steps > 0 and 0 <= c.optim.warmup_steps, "optim.total_steps > 0, optim.warmup_steps >= 0")
@@ -86,5 +111,6 @@ def validate(c: ml_collections.ConfigDict, dry_run: bool = False) -> None:
   # The schedule runs in float32: a larger lr is inf there, and 0 * inf makes the first update NaN.
   need(c.optim.lr <= float(np.finfo(np.float32).max), f"optim.lr {c.optim.lr} overflows float32")
   need(0 < c.optim.layer_decay <= 1, "optim.layer_decay in (0, 1]")
+  need(c.optim.vision_lr_scale > 0, "optim.vision_lr_scale must be positive")
   need(c.nonfinite in ("stop", "skip"), f"nonfinite {c.nonfinite!r}: stop | skip")
   need(c.checkpoint.every > 0 and c.checkpoint.keep > 0, "checkpoint.every and checkpoint.keep must be positive")

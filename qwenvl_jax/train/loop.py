@@ -44,7 +44,8 @@ def optimizer(c, cfg):
   o = c.optim
   return make_optimizer(lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps, total_steps=o.total_steps, b1=o.b1,
                         b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
-                        vit_layers=cfg.visual.layers, layer_decay=o.layer_decay, freeze=tuple(o.freeze))
+                        vit_layers=cfg.visual.layers, layer_decay=o.layer_decay,
+                        vision_lr_scale=o.vision_lr_scale, freeze=tuple(o.freeze))
 
 
 def mesh_from(c, devices=None):
@@ -80,7 +81,8 @@ def data_source(c, split: str = "train"):
   d = c.data
   if d.source == "shapes":
     from qwenvl_jax.data.shapes import ShapesSource
-    return ShapesSource(split, d.num_records or None, seed=c.seed, image_size=d.image_size)
+    from qwenvl_jax.train.config import parse_mix
+    return ShapesSource(split, d.num_records or None, seed=c.seed, image_size=d.image_size, mix=parse_mix(d.mix))
   if d.source == "jsonl":
     from qwenvl_jax.data.jsonl import JsonlSource
     return JsonlSource(d.path, image_root=d.image_root or None, strict=d.strict)

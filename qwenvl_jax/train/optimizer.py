@@ -32,8 +32,14 @@ def schedule(lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> o
   return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, max(total_steps, warmup_steps + 1), min_lr)
 
 
-def lr_multiplier(path: str, shape: tuple[int, ...], vit_layers: int, decay: float):
-  """Layer-wise LR decay factor for one parameter: a scalar, or [L, 1, ...] for scanned ViT blocks."""
+def lr_multiplier(path: str, shape: tuple[int, ...], vit_layers: int, decay: float, vision_scale: float = 1.0):
+  """LR factor for one parameter: vision_scale for the ViT and the adapter, times the ViT layer-wise decay;
+  a scalar, or [L, 1, ...] for scanned ViT blocks."""
+  scale = vision_scale if path.startswith(("visual/", "resampler/")) else 1.0
+  return scale * _layer_decay(path, shape, vit_layers, decay)
+
+
+def _layer_decay(path: str, shape: tuple[int, ...], vit_layers: int, decay: float):
   if decay == 1.0 or not path.startswith("visual/"):
     return 1.0
   if re.match(VIT_EMBEDDINGS, path):
@@ -47,12 +53,12 @@ def lr_multiplier(path: str, shape: tuple[int, ...], vit_layers: int, decay: flo
   return 1.0
 
 
-def scale_by_layer_decay(vit_layers: int, decay: float) -> optax.GradientTransformation:
+def scale_by_layer_decay(vit_layers: int, decay: float, vision_scale: float = 1.0) -> optax.GradientTransformation:
   """Multiply each update by its `lr_multiplier` (works on masked trees inside `optax.multi_transform`)."""
   def update(updates, state, params=None):
     del params
     return jax.tree_util.tree_map_with_path(
-        lambda p, u: u * lr_multiplier(path_str(p), u.shape, vit_layers, decay), updates), state
+        lambda p, u: u * lr_multiplier(path_str(p), u.shape, vit_layers, decay, vision_scale), updates), state
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
@@ -69,14 +75,15 @@ def decay_mask(params):
 
 def make_optimizer(*, lr: float, min_lr: float, warmup_steps: int, total_steps: int, b1: float = 0.9,
                    b2: float = 0.98, eps: float = 1e-6, weight_decay: float = 0.05, clip_norm: float = 1.0,
-                   vit_layers: int = 0, layer_decay: float = 1.0, freeze: Sequence[str] = ()):
-  """-> (optax transformation, schedule)."""
+                   vit_layers: int = 0, layer_decay: float = 1.0, vision_lr_scale: float = 1.0,
+                   freeze: Sequence[str] = ()):
+  """-> (optax transformation, schedule). vision_lr_scale multiplies the LR of the ViT and the adapter."""
   sched = schedule(lr, min_lr, warmup_steps, total_steps)
   train = optax.chain(
       optax.clip_by_global_norm(clip_norm),
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
       optax.add_decayed_weights(weight_decay, mask=decay_mask),
-      scale_by_layer_decay(vit_layers, layer_decay),
+      scale_by_layer_decay(vit_layers, layer_decay, vision_lr_scale),
       optax.scale_by_learning_rate(sched),
   )
   tx = optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, lambda p: labels(p, freeze))
