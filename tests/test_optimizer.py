@@ -125,6 +125,28 @@ def test_layer_decay_effective_lr_per_parameter(params):
   assert lr * DECAY ** VIT_LAYERS > embed_lr
 
 
+def test_vision_lr_scale_multiplies_vit_and_adapter_only(params):
+  lr, scale = 1e-3, 0.25
+  tx, _ = make_optimizer(lr=lr, min_lr=lr, warmup_steps=0, total_steps=100, weight_decay=0.0, clip_norm=1e9,
+                         vit_layers=VIT_LAYERS, layer_decay=1.0, vision_lr_scale=scale)
+  grads = random_tree(params, seed=2)
+  updates, g = flat(one_update(tx, params, grads)), flat(grads)
+  for path, u in updates.items():
+    expected = lr * scale if path.startswith(("visual/", "resampler/")) else lr
+    np.testing.assert_allclose(-u / np.sign(g[path]), expected, rtol=1e-4, err_msg=path)
+  assert any(p.startswith("resampler/") for p in updates) and any(p.startswith("visual/") for p in updates)
+
+
+def test_shapes_mix_option():
+  from qwenvl_jax.train.config import parse_mix
+  assert parse_mix("") is None
+  assert parse_mix("caption=2, ocr=0.5") == {"caption": 2.0, "ocr": 0.5}
+  for bad, message in [("caption", "not task=weight"), ("caption=x", "not task=weight"),
+                       ("captions=1", "unknown shapes tasks"), ("caption=0", "at least one positive")]:
+    with pytest.raises(ValueError, match=message):
+      parse_mix(bad)
+
+
 # --- freezing ------------------------------------------------------------------------------------------------
 
 def adam_states(opt_state):
