@@ -546,8 +546,8 @@ def test_demo_chain_of_three_stages(env, tmp_path):
     keys = part(a, prefixes)
     return sum(not np.array_equal(a[k], b[k]) for k in keys) / len(keys)
   llm, vit = ("wte", "decoder", "lm_head"), ("visual",)
-  assert_identical(part(s1_start, llm), part(s1_end, llm))  # stage 1 froze the LLM ...
-  assert changed(s1_start, s1_end, vit) > 0.9  # ... and trained the ViT
+  # The demo's stage 1 trains the LLM too (it starts random; configs/stage1_pretrain.py freezes it, as the paper).
+  assert changed(s1_start, s1_end, llm) > 0.9 and changed(s1_start, s1_end, vit) > 0.9
   assert_identical(s2_start, s1_end)  # stage 2 starts from stage 1's last checkpoint
   assert changed(s2_start, s2_end, llm) > 0.9 and changed(s2_start, s2_end, vit) > 0.9  # and trains it all
   assert_identical(part(s3_end, vit), part(s2_end, vit))  # stage 3 froze the ViT
