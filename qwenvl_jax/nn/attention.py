@@ -37,8 +37,8 @@ class KVCache:
     valid, length = jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32)
     if per_layer:
       shape = (batch, heads, max_len, head_dim)
-      zeros = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
-      return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)), valid=valid, length=length)
+      k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)) for _ in range(2))
+      return cls(k=k, v=v, valid=valid, length=length)
     shape = (num_layers, batch, heads, max_len, head_dim)
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), valid=valid, length=length)
 

@@ -127,7 +127,10 @@ def apply_layers(block_cls: type[nn.Module], block_kwargs: dict, carry, broadcas
   per_layer = isinstance(scanned, list)
   outs = []
   for i in range(length):
-    layer_in = scanned[i] if per_layer else None if scanned is None else jax.tree.map(lambda a: a[i], scanned)
+    if per_layer:
+      layer_in = scanned[i]
+    else:
+      layer_in = None if scanned is None else jax.tree.map(lambda a: a[i], scanned)
     carry, out = block_cls(**block_kwargs, name=f"layers_{i}")(carry, *broadcast, layer_in)
     outs.append(out)
   if per_layer or outs[0] is None:

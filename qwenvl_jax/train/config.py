@@ -77,13 +77,11 @@ def parse_mix(text: str) -> dict[str, float] | None:
     return None
   mix = {}
   for item in text.split(","):
-    name, sep, weight = item.partition("=")
+    name, _, weight = item.partition("=")
     try:
-      mix[name.strip()] = float(weight)
+      mix[name.strip()] = float(weight)  # no '=' leaves weight '' -> ValueError too
     except ValueError:
-      sep = ""
-    if not sep:
-      raise ValueError(f"{item.strip()!r} is not task=weight")
+      raise ValueError(f"{item.strip()!r} is not task=weight") from None
   resolve_mix(mix)
   return mix
 
