@@ -1,9 +1,12 @@
-"""Shared fixtures: the golden Qwen-VL fixture folder and the model imported from it (loaded once)."""
+"""Shared fixtures: the golden Qwen-VL fixture folder and the model imported from it (loaded once), and the train.py
+session runs (helpers in train_runs.py)."""
 
 import os
+import subprocess
 
 import numpy as np
 import pytest
+from train_runs import REF_OVERRIDES, describe, metrics, once, session_root, subprocess_env, train, write_config
 
 FIXTURE_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "qwen_vl_tiny")
 
@@ -41,3 +44,29 @@ def tiny_model_unrolled():
 def fixture_tensors():
   from safetensors.numpy import load_file
   return load_file(os.path.join(FIXTURE_DIR, "model.safetensors"))
+
+
+# --- train.py end-to-end runs (test_train_loop.py, test_train_cli.py) ---------------------------------------------
+
+@pytest.fixture(scope="session")
+def root(tmp_path_factory):
+  return session_root(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def env(root):
+  return subprocess_env(root)
+
+
+@pytest.fixture(scope="session")
+def reference(root, env):
+  """One uninterrupted 16-step run (checkpoints every 4) that the resume tests compare against."""
+  def produce(d):
+    wd = d / "workdir"
+    r = train(env, f"--config={write_config(d)}", f"--workdir={wd}", *REF_OVERRIDES)
+    return {"workdir": str(wd), "rc": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
+  ref = once(root, "reference", produce)
+  assert ref["rc"] == 0, describe(subprocess.CompletedProcess([], ref["rc"], ref["stdout"], ref["stderr"]))
+  ref["metrics"] = metrics(ref["workdir"])
+  ref["losses"] = {m["step"]: m["last_loss"] for m in ref["metrics"]}
+  return ref

@@ -1,0 +1,159 @@
+"""train.py end to end on a tiny config (CPU): one-line errors with exit code 2, the --dry_run memory plan of the stage
+configs, and the chained demo config. Every run is a `python train.py` subprocess (helpers: train_runs.py)."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from train_runs import (
+  REF_OVERRIDES,
+  ROOT,
+  TOTAL,
+  assert_identical,
+  checkpoint_steps,
+  describe,
+  error_line,
+  load_state,
+  metrics,
+  subtree,
+  train,
+  write_config,
+)
+
+# --- one-line errors ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, expect", [
+    (["--config.optim.bogus=1"], "unknown key 'bogus'"),
+    (["--config.nonfinite=maybe"], "nonfinite 'maybe'"),
+    (["--config.optim.lr=abc"], "could not convert string to float: 'abc'"),
+    (["--config.optim.lr=1e39"], "optim.lr 1e+39 overflows float32"),
+    (["--config.model.name=qwen_vl_8b"], "model.name 'qwen_vl_8b'"),
+    (["--config=/nonexistent/config.py"], "/nonexistent/config.py"),
+    (["--config=configs/stage1_pretrain.py", "--dry_run", "--config.mesh.fsdp=-1"], "explicit mesh sizes"),
+], ids=["unknown-key", "bad-value", "bad-type", "lr-overflow", "bad-model", "no-config", "dry-run-mesh"])
+def test_bad_config_is_one_error_line(env, tmp_path, args, expect):
+  config = [] if any(a.startswith("--config=") for a in args) else [f"--config={write_config(tmp_path)}"]
+  r = train(env, *config, f"--workdir={tmp_path / 'run'}", *args, timeout=120)
+  assert r.returncode == 2, describe(r)
+  assert expect in error_line(r.stderr)
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_unusable_workdir_is_one_error_line(env, tmp_path):
+  (tmp_path / "file").write_text("not a directory")
+  wd = tmp_path / "file" / "run"
+  r = train(env, f"--config={write_config(tmp_path)}", f"--workdir={wd}", timeout=120)
+  assert r.returncode == 2, describe(r)
+  line = error_line(r.stderr)
+  assert "Not a directory" in line and f"'{wd}'" in line  # the path, quotes intact
+  r = train(env, f"--config={write_config(tmp_path)}", timeout=120)
+  assert r.returncode == 2 and "--workdir is required" in error_line(r.stderr)
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--config.model.scan_layers=False"], "does not match the configured model"),
+    (["--config.model.name=qwen_vl_tiny"], "does not fit model qwen_vl_tiny"),
+    # Stage-2 checkpoints hold no optimizer moments for the frozen resampler/pos_embed; unfreezing it cannot resume.
+    (["--config.optim.freeze=()"], "arrays missing, e.g. opt_state/"),
+], ids=["scan-layers", "other-model", "optimizer-state"])
+def test_incompatible_checkpoint_is_one_error_line(reference, env, tmp_path, args, expect):
+  wd = tmp_path / "run"
+  wd.mkdir()
+  src = reference["workdir"]
+  for name in ("tokenizer.model", "config.json"):
+    shutil.copy(os.path.join(src, name), wd / name)
+  shutil.copytree(os.path.join(src, "checkpoints", str(TOTAL)), wd / "checkpoints" / str(TOTAL))
+  config_before = (wd / "config.json").read_text()
+  r = train(env, f"--config={write_config(tmp_path)}", f"--workdir={wd}", *REF_OVERRIDES, *args,
+            "--config.optim.total_steps=20")
+  assert r.returncode == 2, describe(r)
+  assert expect in error_line(r.stderr)
+  assert checkpoint_steps(wd) == [TOTAL] and not os.path.exists(wd / "metrics.jsonl")
+  assert (wd / "config.json").read_text() == config_before  # the run's record is not overwritten by the reject
+
+
+# --- dry run --------------------------------------------------------------------------------------------------------
+
+def test_dry_run_memory_plan_of_the_stage_configs(env):
+  procs = {s: subprocess.Popen([sys.executable, "train.py", f"--config=configs/{s}.py", "--dry_run",
+                                "--config.mesh.fsdp=64"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+           for s in ("stage1_pretrain", "stage2_multitask", "stage3_sft")}
+  plan = {}
+  for s, p in procs.items():
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, out + err
+    total = re.search(r"qwen_vl_7b: ([\d,]+) parameters \(([\d.]+) GiB as float32\); mesh data=1 fsdp=64 tensor=1 "
+                      r"\(64 devices\)", out)
+    per = re.search(r"per device: params ([\d.]+) GiB \+ optimizer state ([\d.]+) GiB = ([\d.]+) GiB", out)
+    assert total and per, out
+    plan[s] = {"n": int(total.group(1).replace(",", "")), "total": float(total.group(2)),
+               "params": float(per.group(1)), "opt": float(per.group(2)), "sum": float(per.group(3))}
+  s1, s2, s3 = plan["stage1_pretrain"], plan["stage2_multitask"], plan["stage3_sft"]
+  for p in plan.values():
+    assert p == dict(p, n=s2["n"], total=s2["total"], params=s2["params"])  # same model, same sharding
+    assert p["sum"] == pytest.approx(p["params"] + p["opt"], abs=2e-3)
+  assert 9.0e9 < s2["n"] < 10.0e9  # Qwen-VL: 7.7B LLM + 1.9B ViT and adapter
+  assert s2["total"] == pytest.approx(s2["n"] * 4 / 2 ** 30, abs=0.01)
+  assert s2["params"] == pytest.approx(s2["total"] / 64, rel=0.02)  # FSDP over 64 devices
+  assert s2["opt"] == pytest.approx(2 * s2["params"], rel=0.02)  # Adam: mu and nu for (nearly) everything
+  assert s1["opt"] < s3["opt"] < s2["opt"]  # stage 1 freezes the LLM, stage 3 only the ViT
+  assert s1["opt"] == pytest.approx(2 * 1.9e9 * 4 / 2 ** 30 / 64, rel=0.1)  # the ViT + adapter only
+  assert s3["opt"] + s1["opt"] == pytest.approx(s2["opt"], rel=0.02)
+
+
+# --- the demo chain -------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_demo_chain_of_three_stages(env, tmp_path):
+  wd = tmp_path / "demo"
+  steps = {"stage1": 3, "stage2": 2, "stage3": 2}
+  r = train(env, "--config=configs/demo.py", f"--workdir={wd}", "--config.data.image_size=56",
+            "--config.data.seq_len=96", "--config.data.max_images=2", "--config.data.batch_size=4",
+            "--config.data.num_records=400", "--config.data.packing_window=64", "--config.optim.loss_chunk=96",
+            "--config.optim.warmup_steps=1", "--config.log.every=1", "--config.log.progress=False",
+            "--config.checkpoint.every=1", "--config.checkpoint.keep=5", "--config.peak_flops=1e12",
+            *[f"--config.stage_overrides.{s}.optim.total_steps={n}" for s, n in steps.items()])
+  assert r.returncode == 0, describe(r)
+  assert [ln for ln in r.stdout.splitlines() if ln.startswith("===")] == ["=== stage1 ===", "=== stage2 ===",
+                                                                        "=== stage3 ==="]
+  assert os.path.isfile(wd / "tokenizer.model")  # trained once, shared by the stages
+  with open(wd / "results.json") as f:
+    results = json.load(f)
+  assert sorted(results) == ["stage1", "stage2", "stage3"]
+  for s, n in steps.items():
+    assert results[s]["step"] == n and not results[s]["stopped_by_signal"]
+    assert checkpoint_steps(wd / s) == list(range(1, n + 1))
+    assert [x["step"] for x in metrics(wd / s)] == list(range(1, n + 1))
+    assert not os.path.exists(wd / s / "tokenizer.model")
+  logs = r.stdout + r.stderr
+  assert f"initialised from {wd / 'stage1'} (step 3)" in logs and f"initialised from {wd / 'stage2'} (step 2)" in logs
+  configs = {s: json.loads((wd / s / "config.json").read_text()) for s in steps}
+  assert configs["stage1"]["data"]["mode"] == "pretrain" and configs["stage2"]["data"]["mode"] == "chat"
+  assert configs["stage2"]["init"] == {"source": "checkpoint", "path": str(wd / "stage1")}
+
+  # Step 1 runs at lr 0 (warmup from 0), so a stage's checkpoint 1 holds the weights it started from.
+  s1_start, s1_end = (subtree(load_state(wd / "stage1", k), "params/") for k in (1, 3))
+  s2_start, s2_end = (subtree(load_state(wd / "stage2", k), "params/") for k in (1, 2))
+  s3_end = subtree(load_state(wd / "stage3", 2), "params/")
+
+  def part(params, prefixes):
+    return {k: v for k, v in params.items() if k.split("/")[1] in prefixes}
+
+  def changed(a, b, prefixes):  # the fraction of those arrays that differ
+    keys = part(a, prefixes)
+    return sum(not np.array_equal(a[k], b[k]) for k in keys) / len(keys)
+  llm, vit = ("wte", "decoder", "lm_head"), ("visual",)
+  # The demo's stage 1 trains the LLM too (it starts random; configs/stage1_pretrain.py freezes it, as the paper).
+  assert changed(s1_start, s1_end, llm) > 0.9 and changed(s1_start, s1_end, vit) > 0.9
+  assert_identical(s2_start, s1_end)  # stage 2 starts from stage 1's last checkpoint
+  assert changed(s2_start, s2_end, llm) > 0.9 and changed(s2_start, s2_end, vit) > 0.9  # and trains it all
+  assert_identical(part(s3_end, vit), part(s2_end, vit))  # stage 3 froze the ViT
+  assert changed(s2_end, s3_end, llm) > 0.9
+  assert_identical({k: v for k, v in s3_end.items() if "pos_embed" in k and "resampler" in k},
+                   {k: v for k, v in s1_start.items() if "pos_embed" in k and "resampler" in k})  # fixed 2D sincos
