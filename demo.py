@@ -3,8 +3,8 @@
     python demo.py [--workdir=/tmp/qwenvl_demo] [--max_examples=500] [--fresh]
 
 1. trains the demo SentencePiece tokenizer and evaluates the untrained (randomly initialised) model on the test split;
-2. runs the three Qwen-VL stages of configs/demo.py (pre-training with the LLM frozen, multi-task with everything
-   trainable, chat SFT with the ViT frozen), each from the previous stage's last checkpoint;
+2. runs the three stages of configs/demo.py (pre-training form on captions, multi-task ChatML, chat SFT with the ViT
+   frozen; see that file for where and why it departs from the paper), each from the previous stage's last checkpoint;
 3. evaluates the trained model on the same examples, prints a before/after table against the demo targets, and saves
    a few test images with the model's answers and boxes drawn on them (WORKDIR/examples/*.png).
 
@@ -49,14 +49,10 @@ def load_config(path: str):
 
 def evaluate_into(model, tok, source, n: int, out_dir: str, desc: str) -> dict:
   """Greedy answers for the first n test examples -> metrics (also written with the predictions to out_dir)."""
-  from qwenvl_jax.evals.evaluate import evaluate
+  from qwenvl_jax.evals.evaluate import evaluate, write_results
   t0 = time.time()
   metrics, predictions = evaluate(model, tok, source, max_examples=n, batch_size=16, max_new_tokens=64)
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
-    f.writelines(json.dumps(p) + "\n" for p in predictions)
-  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-    json.dump(metrics, f, indent=2)
+  write_results(out_dir, metrics, predictions)
   print(f"{desc}: {n} examples in {time.time() - t0:.0f}s", flush=True)
   return metrics
 

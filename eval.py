@@ -6,7 +6,6 @@ grounding accuracy at IoU >= 0.5, OCR exact match and ANLS. Writes predictions.j
 (default: DIR/eval_<split>).
 """
 
-import json
 import os
 import sys
 
@@ -26,7 +25,7 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "default: the tokenizer stor
 def run(c, checkpoint: str, split: str, out: str) -> dict:
   import qwenvl_jax as qv
   from qwenvl_jax.api import find_tokenizer
-  from qwenvl_jax.evals.evaluate import evaluate
+  from qwenvl_jax.evals.evaluate import evaluate, write_results
 
   if not os.path.exists(checkpoint):
     raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
@@ -38,12 +37,7 @@ def run(c, checkpoint: str, split: str, out: str) -> dict:
   source = _source(c, split, model.config.visual.image_size)
   metrics, predictions = evaluate(model, tok, source, max_examples=_MAX.value, batch_size=_BATCH.value,
                                   max_new_tokens=_MAX_NEW.value)
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "predictions.jsonl"), "w") as f:
-    for p in predictions:
-      f.write(json.dumps(p) + "\n")
-  with open(os.path.join(out, "metrics.json"), "w") as f:
-    json.dump(metrics, f, indent=2)
+  write_results(out, metrics, predictions)
   return metrics
 
 

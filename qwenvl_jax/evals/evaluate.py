@@ -8,6 +8,8 @@ accuracy; grounding -> accuracy at IoU >= 0.5 of the first predicted box; ocr ->
 from __future__ import annotations
 
 import collections
+import json
+import os
 import re
 
 import numpy as np
@@ -125,3 +127,12 @@ def evaluate(model, tokenizer, source, max_examples: int | None = None, batch_si
   if bar is not None:
     bar.close()
   return score(predictions), predictions
+
+
+def write_results(out_dir: str, metrics: dict, predictions: list[dict]) -> None:
+  """out_dir/predictions.jsonl (one prediction per line) and out_dir/metrics.json."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
+    f.writelines(json.dumps(p) + "\n" for p in predictions)
+  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    json.dump(metrics, f, indent=2)
