@@ -33,8 +33,9 @@ def run(c, checkpoint: str, split: str, out: str) -> dict:
   tok_path = _TOKENIZER.value or find_tokenizer(checkpoint) or (c.data.tokenizer if c.data.tokenizer != "shapes" else None)
   if tok_path is None:
     raise FileNotFoundError(f"no tokenizer found with {checkpoint}; pass --tokenizer")
-  tok = qv.load_tokenizer(tok_path, image_span=model.config.visual.n_queries)
-  source = _source(c, split, model.config.visual.image_size)
+  proc = model.processor()
+  tok = qv.load_tokenizer(tok_path, image_span=proc.tokens_per_image)
+  source = _source(c, split, proc.image_size)
   metrics, predictions = evaluate(model, tok, source, max_examples=_MAX.value, batch_size=_BATCH.value,
                                   max_new_tokens=_MAX_NEW.value)
   write_results(out, metrics, predictions)

@@ -25,23 +25,24 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qwenvl_jax.config import QWEN_VL_7B, to_hf_dict  # noqa: E402
-from qwenvl_jax.convert import qwen_vl  # noqa: E402
 from qwenvl_jax.convert.hf import flatten, parse_size  # noqa: E402
 from qwenvl_jax.convert.tensor_io import write_sharded_safetensors  # noqa: E402
-from qwenvl_jax.model import abstract_params  # noqa: E402
+from qwenvl_jax.models.qwen_vl.config import QWEN_VL_7B, to_hf_dict  # noqa: E402
+from qwenvl_jax.models.qwen_vl.model import abstract_params  # noqa: E402
+from qwenvl_jax.models.qwen_vl.params import hf_slots  # noqa: E402
+from qwenvl_jax.models.rules import param_location  # noqa: E402
 
 
 def synthetic_checkpoint(cfg, out_dir: str, shard: str) -> int:
   """Random bf16 tensors in the official layout, generated tensor by tensor. Returns total bytes."""
   shapes = {p: x.shape for p, x in flatten(abstract_params(cfg)).items()}
-  slots = qwen_vl.expand(cfg)
+  slots = hf_slots(cfg)
   rng = np.random.default_rng(0)
 
   def src_shapes(slot):
     out = []
     for p in slot.rule.ours:
-      tree_path, idx = qwen_vl.param_location(p, slot.layer, cfg.scan_layers)
+      tree_path, idx = param_location(p, slot.layer, cfg.scan_layers)
       out.append(shapes[tree_path][1:] if idx is not None else shapes[tree_path])
     return out
 

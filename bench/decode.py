@@ -77,7 +77,7 @@ def main():
   ap.add_argument("--vocab", type=int, default=1024)
   ap.add_argument("--repeats", type=int, default=3)
   args = ap.parse_args()
-  from qwenvl_jax.config import QWEN_VL_DEMO
+  from qwenvl_jax.models.qwen_vl.config import QWEN_VL_DEMO
   cfg = QWEN_VL_DEMO.replace(num_hidden_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
                              kv_channels=args.hidden // args.heads, intermediate_size=2 * args.mlp,
                              vocab_size=args.vocab, visual=dict(output_dim=args.hidden))

@@ -32,10 +32,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qwenvl_jax.config import get_config
-from qwenvl_jax.model import QwenVL, count_params
+from qwenvl_jax.models.qwen_vl.config import STAGE_FREEZE, get_config, param_groups
+from qwenvl_jax.models.qwen_vl.model import QwenVL, count_params
+from qwenvl_jax.models.qwen_vl.processor import QwenVLProcessor
 from qwenvl_jax.sharding import LOGICAL_RULES, make_mesh
-from qwenvl_jax.train.config import STAGE_FREEZE
 from qwenvl_jax.train.loop import measure_matmul_peak
 from qwenvl_jax.train.optimizer import make_optimizer
 from qwenvl_jax.train.state import create_state, state_shardings
@@ -96,7 +96,7 @@ def main():
   if args.image_size != cfg.visual.image_size:
     cfg = cfg.replace(visual={"image_size": args.image_size})
   mesh = make_mesh(args.data, args.fsdp, args.tensor)
-  tx, sched = make_optimizer(lr=1e-4, min_lr=1e-5, warmup_steps=0, total_steps=10_000, vit_layers=cfg.visual.layers,
+  tx, sched = make_optimizer(lr=1e-4, min_lr=1e-5, warmup_steps=0, total_steps=10_000, groups=param_groups(cfg),
                              layer_decay=0.95, freeze=STAGE_FREEZE["stage2"])
   opts = StepOptions(grad_accum=args.grad_accum, loss_chunk=args.loss_chunk, num_tasks=1)
   _, shardings = state_shardings(cfg, tx, mesh)
@@ -110,7 +110,7 @@ def main():
   host = [synthetic_batch(cfg, rng, args.batch, args.seq_len, args.max_images) for _ in range(4)]
   batches = [jax.device_put(b, batch_sharding) for b in host]
   tokens = [int((b["segment_ids"] > 0).sum()) for b in host]
-  flops = flops_per_step(cfg, args.batch, args.seq_len, args.batch * args.max_images)
+  flops = flops_per_step(cfg, args.batch, args.seq_len, args.batch * args.max_images, QwenVLProcessor.for_config(cfg))
 
   peak = max(measure_matmul_peak(args.peak_n, jnp.float32) for _ in range(args.peak_trials))
   n_dev = jax.device_count()

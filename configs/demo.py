@@ -18,7 +18,8 @@ Where the demo departs from the paper's recipe, and why:
 
 import ml_collections
 
-from qwenvl_jax.train.config import STAGE_FREEZE, base_config
+from qwenvl_jax.models.qwen_vl.config import STAGE_FREEZE
+from qwenvl_jax.train.config import base_config
 
 
 def get_config():

@@ -10,7 +10,8 @@ Paper recipe: AdamW (0.9, 0.98, eps 1e-6), weight decay 0.05, lr 2e-4 -> 1e-6 co
 steadily (the paper trains 50k steps on 1.4B pairs with a global batch of 30720 images).
 """
 
-from qwenvl_jax.train.config import STAGE_FREEZE, base_config
+from qwenvl_jax.models.qwen_vl.config import STAGE_FREEZE
+from qwenvl_jax.train.config import base_config
 
 
 def get_config():

@@ -9,7 +9,8 @@ decay 0.95. Starts from the stage-1 workdir (init.source=checkpoint) or an impor
 Expected: every task's loss (logged as loss/<task> when the data names tasks) decreasing.
 """
 
-from qwenvl_jax.train.config import STAGE_FREEZE, base_config
+from qwenvl_jax.models.qwen_vl.config import STAGE_FREEZE
+from qwenvl_jax.train.config import base_config
 
 
 def get_config():

@@ -9,7 +9,8 @@ finetune masks). Data in the official finetune JSON format works unchanged (data
 loss decreasing; the chat model answers in ChatML.
 """
 
-from qwenvl_jax.train.config import STAGE_FREEZE, base_config
+from qwenvl_jax.models.qwen_vl.config import STAGE_FREEZE
+from qwenvl_jax.train.config import base_config
 
 
 def get_config():

@@ -22,6 +22,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", "fsdp"),
     ("embed_out", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),
     ("kv", None),
     ("mlp", "tensor"),
     # ViT parameters

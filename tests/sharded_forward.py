@@ -15,7 +15,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import qwenvl_jax as qv  # noqa: E402
-from qwenvl_jax.model import abstract_params  # noqa: E402
+from qwenvl_jax.models.qwen_vl.model import abstract_params  # noqa: E402
 from qwenvl_jax.sharding import LOGICAL_RULES, logical_to_sharding, make_mesh, replicated  # noqa: E402
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from qwenvl_jax.config import QWEN_VL_TINY
-from qwenvl_jax.model import abstract_params
+from qwenvl_jax.models.qwen_vl.config import QWEN_VL_TINY, param_groups
+from qwenvl_jax.models.qwen_vl.model import abstract_params
 from qwenvl_jax.train.optimizer import make_optimizer, path_str, schedule
 
 VIT_LAYERS = 3
@@ -25,6 +25,9 @@ def tiny_cfg(scan: bool):
       vocab_size=64, hidden_size=128, num_attention_heads=2, num_hidden_layers=2, intermediate_size=64,
       scan_layers=scan, visual=dict(image_size=28, width=16, layers=VIT_LAYERS, heads=2, mlp_ratio=2.0,
                                     output_dim=128, n_queries=4, pos_table_size=4, image_start_id=40))
+
+
+GROUPS = param_groups(tiny_cfg(True))
 
 
 def random_tree(tree, seed: int, low: float = 0.5, high: float = 2.0):
@@ -90,7 +93,7 @@ def test_schedule_without_warmup_starts_at_lr():
 def test_layer_decay_effective_lr_per_parameter(params):
   lr = 1e-3
   tx, sched = make_optimizer(lr=lr, min_lr=lr / 10, warmup_steps=0, total_steps=100, weight_decay=0.0,
-                             clip_norm=1e9, vit_layers=VIT_LAYERS, layer_decay=DECAY)
+                             clip_norm=1e9, groups=GROUPS, layer_decay=DECAY)
   lr_t = float(sched(0))
   assert lr_t == pytest.approx(lr)
   grads = random_tree(params, seed=1)
@@ -128,7 +131,7 @@ def test_layer_decay_effective_lr_per_parameter(params):
 def test_vision_lr_scale_multiplies_vit_and_adapter_only(params):
   lr, scale = 1e-3, 0.25
   tx, _ = make_optimizer(lr=lr, min_lr=lr, warmup_steps=0, total_steps=100, weight_decay=0.0, clip_norm=1e9,
-                         vit_layers=VIT_LAYERS, layer_decay=1.0, vision_lr_scale=scale)
+                         groups=GROUPS, layer_decay=1.0, vision_lr_scale=scale)
   grads = random_tree(params, seed=2)
   updates, g = flat(one_update(tx, params, grads)), flat(grads)
   for path, u in updates.items():
@@ -157,7 +160,7 @@ def adam_states(opt_state):
 def test_freezing_keeps_params_and_holds_no_state(params):
   freeze = (r"^(wte|decoder|lm_head)/", r"^resampler/pos_embed$")
   tx, _ = make_optimizer(lr=1e-3, min_lr=1e-4, warmup_steps=0, total_steps=10, weight_decay=0.1, clip_norm=1.0,
-                         b1=0.9, vit_layers=VIT_LAYERS, layer_decay=DECAY, freeze=freeze)
+                         b1=0.9, groups=GROUPS, layer_decay=DECAY, freeze=freeze)
   state = tx.init(params)
   update = jit_update(tx)
   p, first_grads = params, None
@@ -194,7 +197,7 @@ def test_freezing_keeps_params_and_holds_no_state(params):
 
 
 def test_nothing_frozen_by_default(scanned_params):
-  tx, _ = make_optimizer(lr=1e-3, min_lr=1e-4, warmup_steps=0, total_steps=10)
+  tx, _ = make_optimizer(lr=1e-3, min_lr=1e-4, warmup_steps=0, total_steps=10, groups=GROUPS)
   adam = adam_states(tx.init(scanned_params))
   n = sum(x.size for x in jax.tree.leaves(scanned_params))
   assert sum(x.size for x in jax.tree.leaves(adam[0].mu)) == n
@@ -206,7 +209,7 @@ def test_nothing_frozen_by_default(scanned_params):
 def test_weight_decay_mask(scanned_params, layer_decay):
   lr, wd = 1e-2, 0.1
   tx, sched = make_optimizer(lr=lr, min_lr=0.0, warmup_steps=0, total_steps=100, weight_decay=wd,
-                             vit_layers=VIT_LAYERS, layer_decay=layer_decay)
+                             groups=GROUPS, layer_decay=layer_decay)
   zeros = jax.tree.map(jnp.zeros_like, scanned_params)
   lr_t = float(sched(0))
   new = flat(optax.apply_updates(scanned_params, one_update(tx, scanned_params, zeros)))

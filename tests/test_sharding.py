@@ -8,8 +8,8 @@ import sys
 import flax.linen as nn
 import jax
 
-from qwenvl_jax.config import QWEN_VL_7B
-from qwenvl_jax.model import abstract_params
+from qwenvl_jax.models.qwen_vl.config import QWEN_VL_7B
+from qwenvl_jax.models.qwen_vl.model import abstract_params
 from qwenvl_jax.sharding import LOGICAL_RULES, make_mesh
 
 

@@ -98,7 +98,8 @@ def test_sharded_mesh_trains_like_one_device(tmp_path):
 
 TINY_CONFIG = textwrap.dedent('''\
     """3 steps of the demo model on small shapes batches (tests/test_train_distributed.py)."""
-    from qwenvl_jax.train.config import STAGE_FREEZE, base_config
+    from qwenvl_jax.models.qwen_vl.config import STAGE_FREEZE
+    from qwenvl_jax.train.config import base_config
 
 
     def get_config():

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from qwenvl_jax.model import abstract_params
+from qwenvl_jax.models.qwen_vl.model import abstract_params
 from qwenvl_jax.sharding import logical_to_sharding, make_mesh
 from qwenvl_jax.train.config import base_config
 from qwenvl_jax.train.loop import initial_params, model_config

@@ -6,6 +6,7 @@ is exactly the gradient the step computed, so gradients are compared directly.
 """
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +15,8 @@ import optax
 import pytest
 from jax.extend import core as jex_core
 
-from qwenvl_jax.config import QWEN_VL_TINY
-from qwenvl_jax.model import QwenVL, abstract_params
+from qwenvl_jax.models.qwen_vl.config import QWEN_VL_TINY
+from qwenvl_jax.models.qwen_vl.model import QwenVL, abstract_params
 from qwenvl_jax.train.loss import chunked_token_losses, next_token_targets
 from qwenvl_jax.train.optimizer import path_str, schedule
 from qwenvl_jax.train.step import StepOptions, TrainState, flops_per_step, train_step
@@ -381,3 +382,29 @@ def test_flops_match_traced_matmuls():
   full_minus_causal = c.num_hidden_layers * b * 2 * s * s * c.hidden_size
   assert flops_per_step(c, b, s, 0) == 3 * (text_only - full_minus_causal)
   assert flops_per_step(c, b, s, n) == 3 * (with_images - full_minus_causal)
+
+
+def test_flops_follow_the_resolution_the_stage_feeds():
+  """Stage 1 feeds 224 px images into the 448 px model: the FLOP count (and so MFU) takes the patches per image
+  from the stage's processor, not from the model config (reading the model's 448 px overstated stage-1 MFU ~2.7x)."""
+  import importlib.util
+
+  from qwenvl_jax.models.qwen_vl.config import QWEN_VL_7B
+  from qwenvl_jax.models.qwen_vl.processor import QwenVLProcessor
+  from qwenvl_jax.train.loop import processor_for
+
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", "stage1_pretrain.py")
+  spec = importlib.util.spec_from_file_location("stage1", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  proc = processor_for(c, QWEN_VL_7B)
+  assert (proc.image_size, proc.patches_per_image, proc.tokens_per_image) == (224, 256, 256)
+  b, s, n = c.data.batch_size, c.data.seq_len, c.data.batch_size * c.data.max_images
+  at_448 = flops_per_step(QWEN_VL_7B, b, s, n)
+  at_224 = flops_per_step(QWEN_VL_7B, b, s, n, proc)
+  assert at_448 == flops_per_step(QWEN_VL_7B, b, s, n, QwenVLProcessor.for_config(QWEN_VL_7B))
+  assert 2.6 < at_448 / at_224 < 2.7
+  text = flops_per_step(QWEN_VL_7B, b, s, 0)
+  # the vision part scales with the patches: ViT blocks (linear in P, plus P^2 attention) and resampler
+  assert (at_224 - text) < (at_448 - text) / 4

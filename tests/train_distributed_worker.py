@@ -68,17 +68,17 @@ def mesh_mode():
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec
 
-  from qwenvl_jax.config import QWEN_VL_DEMO
-  from qwenvl_jax.model import QwenVL
+  from qwenvl_jax.models.qwen_vl.config import QWEN_VL_DEMO
+  from qwenvl_jax.models.qwen_vl.model import QwenVL
   from qwenvl_jax.sharding import LOGICAL_RULES, make_mesh
-  from qwenvl_jax.train.config import STAGE_FREEZE
+  from qwenvl_jax.models.qwen_vl.config import STAGE_FREEZE, param_groups
   from qwenvl_jax.train.optimizer import make_optimizer
   from qwenvl_jax.train.state import bytes_per_device, create_state, state_shardings
   from qwenvl_jax.train.step import StepOptions, train_step
 
   assert jax.device_count() == 8, jax.devices()
   cfg = QWEN_VL_DEMO.replace(num_hidden_layers=2, visual={"layers": 2}, dtype="float32")
-  tx, sched = make_optimizer(lr=1e-3, min_lr=1e-4, warmup_steps=0, total_steps=3, vit_layers=cfg.visual.layers,
+  tx, sched = make_optimizer(lr=1e-3, min_lr=1e-4, warmup_steps=0, total_steps=3, groups=param_groups(cfg),
                              layer_decay=0.9, freeze=STAGE_FREEZE["stage2"])
   opts = StepOptions(loss_chunk=64, num_tasks=3)
   batches = synthetic_batches(cfg, steps=3, batch=4, seq_len=96, max_images=2, num_tasks=opts.num_tasks)

@@ -1,4 +1,4 @@
-"""Convert Qwen-VL weights between a Hugging Face folder and this project's Orbax checkpoint.
+"""Convert weights (any family) between a Hugging Face folder and this project's Orbax checkpoint.
 
     python -m qwenvl_jax.convert hf-to-orbax  HF_DIR  CKPT_DIR  [--dtype bfloat16]
     python -m qwenvl_jax.convert orbax-to-hf  CKPT_DIR  HF_DIR  [--dtype bfloat16] [--max-shard-size 5GB]
@@ -22,18 +22,16 @@ def _total_bytes(folder: str) -> int:
 def hf_to_orbax(src: str, dst: str, dtype: str, overwrite: bool) -> None:
   from tqdm import tqdm
 
-  from qwenvl_jax import checkpoint
-  from qwenvl_jax.config import load_hf_config
-  from qwenvl_jax.convert.hf import import_hf_params
-  from qwenvl_jax.model import abstract_params
+  from qwenvl_jax.convert import checkpoint, loader
 
   if os.path.exists(dst) and os.listdir(dst) and not overwrite:
     raise FileExistsError(f"{dst} exists and is not empty (pass --overwrite)")
-  cfg = load_hf_config(src, param_dtype=dtype, dtype=dtype)
+  if not os.path.isfile(os.path.join(src, "config.json")) or checkpoint.is_checkpoint(src):
+    raise FileNotFoundError(f"{src} is not a Hugging Face folder (config.json + model weights)")
   with tqdm(total=_total_bytes(src), unit="B", unit_scale=True, desc="read HF tensors") as bar:
-    params = import_hf_params(src, cfg, abstract_params(cfg), dtype=dtype, progress=bar.update)
+    got = loader.load(src, dtype=dtype, progress=bar.update)
   print(f"writing Orbax checkpoint to {dst} ...", file=sys.stderr)
-  checkpoint.save(dst, params, cfg, assets_from=src, overwrite=overwrite)
+  checkpoint.save(dst, got.params, got.config, assets_from=src, overwrite=overwrite)
 
 
 def orbax_to_hf(src: str, dst: str, dtype: str, max_shard_size: str) -> None:
@@ -41,14 +39,14 @@ def orbax_to_hf(src: str, dst: str, dtype: str, max_shard_size: str) -> None:
   import numpy as np
   from tqdm import tqdm
 
-  from qwenvl_jax import checkpoint
+  from qwenvl_jax.convert import checkpoint
   from qwenvl_jax.convert.hf import NP_DTYPES, export_hf_folder
-  from qwenvl_jax.model import abstract_params
+  from qwenvl_jax.models import registry
 
   if not checkpoint.is_checkpoint(src):
     raise FileNotFoundError(f"{src} is not a qwenvl_jax checkpoint ({checkpoint.CONFIG_FILE} + params/)")
   cfg = checkpoint.load_config(src)
-  params = checkpoint.load(src, abstract_params(cfg))
+  params = checkpoint.load(src, registry.family_of(cfg).abstract_params(cfg))
   total = sum(x.size for x in jax.tree.leaves(params)) * np.dtype(NP_DTYPES[dtype]).itemsize
   with tqdm(total=total, unit="B", unit_scale=True, desc="write HF shards") as bar:
     export_hf_folder(params, cfg, dst, dtype=dtype, max_shard_size=max_shard_size,
@@ -58,12 +56,12 @@ def orbax_to_hf(src: str, dst: str, dtype: str, max_shard_size: str) -> None:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m qwenvl_jax.convert", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
-  a = sub.add_parser("hf-to-orbax", help="HF Qwen-VL folder -> qwenvl_jax checkpoint")
+  a = sub.add_parser("hf-to-orbax", help="HF folder (Qwen-VL, Qwen2-VL) -> qwenvl_jax checkpoint")
   a.add_argument("src")
   a.add_argument("dst")
   a.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
   a.add_argument("--overwrite", action="store_true")
-  b = sub.add_parser("orbax-to-hf", help="qwenvl_jax checkpoint -> HF Qwen-VL folder")
+  b = sub.add_parser("orbax-to-hf", help="qwenvl_jax checkpoint -> HF folder in the family's official layout")
   b.add_argument("src")
   b.add_argument("dst")
   b.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])

@@ -1,6 +1,7 @@
-"""Streaming import/export between parameter trees and Hugging Face checkpoint folders.
+"""Streaming import/export between parameter trees and Hugging Face checkpoint folders, for every family (each
+family's `params.py` gives the name map; `models/rules.py` its vocabulary).
 
-Import reads one official tensor at a time, converts it and writes it into a preallocated buffer of the
+Import reads one HF tensor at a time, converts it and writes it into a preallocated buffer of the
 target dtype (stacked layers are filled slice by slice), so peak memory is the converted model plus one
 tensor. Export walks the same rules backwards and writes shard by shard.
 """
@@ -19,12 +20,17 @@ import numpy as np
 from flax.traverse_util import flatten_dict as flatten
 from flax.traverse_util import unflatten_dict as unflatten
 
-from qwenvl_jax.config import QwenVLConfig, to_hf_dict
-from qwenvl_jax.convert import qwen_vl
-from qwenvl_jax.convert.tensor_io import CheckpointError, checkpoint_keys, iter_checkpoint, write_sharded_safetensors
+from qwenvl_jax.convert.tensor_io import (
+  WEIGHT_FILE,
+  CheckpointError,
+  checkpoint_keys,
+  iter_checkpoint,
+  write_sharded_safetensors,
+)
+from qwenvl_jax.models import registry
+from qwenvl_jax.models.rules import Slot, param_location
 
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-WEIGHT_FILE = re.compile(r"^(model.*\.safetensors|pytorch_model.*\.bin)(\.index\.json)?$")
 
 
 def aligned_empty(shape, dtype, alignment: int = 64) -> np.ndarray:
@@ -42,11 +48,13 @@ def _short_list(names, n=8) -> str:
   return ", ".join(names[:n]) + more
 
 
-def check_keys(folder: str, cfg: QwenVLConfig) -> dict[str, qwen_vl.Slot]:
-  """Compare a checkpoint's tensor names with what `cfg` needs; raise naming missing/unexpected keys."""
-  slots = qwen_vl.expand(cfg)
-  keys = set(checkpoint_keys(folder))
-  keys = {k for k in keys if not qwen_vl.IGNORED_HF_KEYS.search(k)}
+def check_keys(folder: str, cfg) -> dict[str, Slot]:
+  """Compare a checkpoint's tensor names with what `cfg` needs; raise naming missing/unexpected keys.
+  Returns {name as stored in the folder: Slot}."""
+  fam = registry.family_of(cfg)
+  slots = fam.hf_slots(cfg)
+  stored = {fam.hf_key_alias(k): k for k in checkpoint_keys(folder) if not fam.ignored_hf_keys.search(k)}
+  keys = set(stored)
   missing, unexpected = set(slots) - keys, keys - set(slots)
   if missing or unexpected:
     parts = []
@@ -55,14 +63,14 @@ def check_keys(folder: str, cfg: QwenVLConfig) -> dict[str, qwen_vl.Slot]:
     if unexpected:
       parts.append(f"unexpected keys: {_short_list(unexpected)}")
     raise CheckpointError(f"{folder}: checkpoint does not match its config.json; " + "; ".join(parts))
-  return slots
+  return {stored[k]: slot for k, slot in slots.items()}
 
 
-def import_hf_params(folder: str, cfg: QwenVLConfig, abstract: dict, dtype: str = "float32",
+def import_hf_params(folder: str, cfg, abstract: dict, dtype: str = "float32",
                      progress: Callable[[int], None] | None = None) -> dict:
-  """Read an official checkpoint folder into a nested dict of numpy arrays shaped like `abstract`.
+  """Read an HF checkpoint folder into a nested dict of numpy arrays shaped like `abstract`.
 
-  abstract: tree of ShapeDtypeStruct (`qwenvl_jax.model.abstract_params(cfg)`); dtype: target dtype.
+  abstract: tree of ShapeDtypeStruct (the family's `abstract_params(cfg)`); dtype: target dtype.
   progress(n_bytes) is called after each tensor.
   """
   slots = check_keys(folder, cfg)
@@ -79,7 +87,7 @@ def import_hf_params(folder: str, cfg: QwenVLConfig, abstract: dict, dtype: str 
     except ValueError:
       outs = None
     for k, path in enumerate(slot.rule.ours):
-      tree_path, idx = qwen_vl.param_location(path, slot.layer, cfg.scan_layers)
+      tree_path, idx = param_location(path, slot.layer, cfg.scan_layers)
       if tree_path not in shapes:
         raise CheckpointError(f"{name}: no parameter {'/'.join(tree_path)} in the model built from the config")
       full = shapes[tree_path]
@@ -98,7 +106,7 @@ def import_hf_params(folder: str, cfg: QwenVLConfig, abstract: dict, dtype: str 
     if progress is not None:
       progress(arr.nbytes)
     del arr, outs
-  expected = {qwen_vl.param_location(p, s.layer, cfg.scan_layers) for s in slots.values() for p in s.rule.ours}
+  expected = {param_location(p, s.layer, cfg.scan_layers) for s in slots.values() for p in s.rule.ours}
   if expected - filled:
     raise CheckpointError(f"{folder}: some parameters were not filled: {_short_list(str(e) for e in expected - filled)}")
   if set(shapes) - set(buffers):
@@ -114,14 +122,14 @@ def _host(a, idx):
   return np.asarray(a if idx is None else a[idx])
 
 
-def hf_tensors(params: dict, cfg: QwenVLConfig, dtype: str) -> tuple[Iterator[tuple[str, np.ndarray]], dict[str, int]]:
-  """-> (lazy iterator of (official name, array in `dtype`), official name -> byte size)."""
+def hf_tensors(params: dict, cfg, dtype: str) -> tuple[Iterator[tuple[str, np.ndarray]], dict[str, int]]:
+  """-> (lazy iterator of (HF name, array in `dtype`), HF name -> byte size)."""
   flat = flatten(params)
-  slots = qwen_vl.expand(cfg)
+  slots = registry.family_of(cfg).hf_slots(cfg)
   np_dtype = np.dtype(NP_DTYPES[dtype])
 
   def sources(slot):
-    return [qwen_vl.param_location(p, slot.layer, cfg.scan_layers) for p in slot.rule.ours]
+    return [param_location(p, slot.layer, cfg.scan_layers) for p in slot.rule.ours]
 
   sizes = {}
   for name, slot in slots.items():
@@ -151,11 +159,12 @@ def parse_size(size: int | str) -> int:
   return int(float(m.group(1)) * mult)
 
 
-def export_hf_folder(params: dict, cfg: QwenVLConfig, out_dir: str, dtype: str = "bfloat16",
+def export_hf_folder(params: dict, cfg, out_dir: str, dtype: str = "bfloat16",
                      max_shard_size: int | str = "5GB", assets_dir: str | None = None,
                      progress: Callable[[int], None] | None = None) -> list[str]:
-  """Write an official-layout Qwen-VL folder: safetensors shard(s) (+ index), config.json, and the
-  non-weight files of `assets_dir` (tokenizer, remote code) if given. Returns the weight file names."""
+  """Write an HF folder in the family's official layout: safetensors shard(s) (+ index), config.json, and the
+  non-weight files of `assets_dir` (tokenizer, processor and remote-code files) if given. Returns the weight file
+  names."""
   if dtype not in NP_DTYPES:
     raise ValueError(f"unknown export dtype {dtype!r}; expected one of {sorted(NP_DTYPES)}")
   os.makedirs(out_dir, exist_ok=True)
@@ -174,5 +183,5 @@ def export_hf_folder(params: dict, cfg: QwenVLConfig, out_dir: str, dtype: str =
 
   files = write_sharded_safetensors(counted(), sizes, out_dir, parse_size(max_shard_size))
   with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(to_hf_dict(cfg, torch_dtype=dtype), f, indent=2)
+    json.dump(registry.family_of(cfg).to_hf_dict(cfg, torch_dtype=dtype), f, indent=2)
   return files

@@ -16,7 +16,6 @@ import numpy as np
 
 from qwenvl_jax.data.boxes import parse_boxes
 from qwenvl_jax.data.conversation import DEFAULT_SYSTEM, make_context, normalize_roles
-from qwenvl_jax.data.images import preprocess_image
 from qwenvl_jax.evals import metrics as M
 
 _IMG = re.compile(r"<img>(.*?)</img>", re.S)
@@ -47,12 +46,12 @@ def prompt_of(record: dict, tokenizer, system: str = DEFAULT_SYSTEM):
 
 def generate_batch(model, tokenizer, records, max_new_tokens: int) -> list[str]:
   """Greedy answers for a list of records (one batched generate call)."""
-  size = model.config.visual.image_size
+  proc = model.processor()
   prompts, pixels = [], []
   for r in records:
     ids, refs, _ = prompt_of(r, tokenizer)
     prompts.append(ids)
-    pixels += [preprocess_image(r["images"][ref], size, name=f"{r.get('id')}:{ref}") for ref in refs]
+    pixels += [proc.preprocess(r["images"][ref], name=f"{r.get('id')}:{ref}") for ref in refs]
   s = max(len(p) for p in prompts)
   ids = np.zeros((len(prompts), s), np.int64)
   mask = np.zeros((len(prompts), s), np.int32)

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     if tok_path is None:
       raise FileNotFoundError(f"no tokenizer found with {args.checkpoint}; pass --tokenizer")
     model = qv.load(args.checkpoint, dtype=args.dtype, scan_layers=False)  # unrolled layers decode faster
-    tok = qv.load_tokenizer(tok_path, image_span=model.config.visual.n_queries)
+    tok = qv.load_tokenizer(tok_path, image_span=model.processor().tokens_per_image)
     if args.prompt is not None:
       _answer(model, tok, args.prompt, None, args.image, args)
       return 0

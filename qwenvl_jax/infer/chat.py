@@ -12,7 +12,6 @@ import re
 import numpy as np
 
 from qwenvl_jax.data.conversation import DEFAULT_SYSTEM, image_prompt, make_context
-from qwenvl_jax.data.images import preprocess_image
 
 _IMG = re.compile(r"<img>(.*?)</img>", re.S)
 
@@ -43,8 +42,8 @@ def chat(model, tokenizer, query: str, history=None, images=None, system: str = 
     query = image_prompt(refs, n_before) + query
   _, ids = make_context(tokenizer, query, history, system)
   all_refs = [r for q, _ in history for r in _IMG.findall(q)] + _IMG.findall(query)
-  size = model.config.visual.image_size
-  pixels = np.stack([preprocess_image(known.get(r, r), size, name=r) for r in all_refs]) if all_refs else None
+  proc = model.processor()
+  pixels = np.stack([proc.preprocess(known.get(r, r), name=r) for r in all_refs]) if all_refs else None
   stops = [tokenizer.im_end_id, tokenizer.eod_id]
   out = model.generate(np.asarray([ids]), pixel_values=pixels, max_new_tokens=max_new_tokens, stop_ids=stops,
                        **generate_kw)

@@ -1,9 +1,12 @@
-"""Generation with the KV cache: one jitted prefill, then a jitted `lax.while_loop` of single-token steps.
+"""Generation with the KV cache for every family: one jitted prefill, then a jitted `lax.while_loop` of single-token
+steps.
 
 Prompts are left-padded to a bucketed length (multiples of `BUCKET`), so a chat does not recompile per prompt or per
-token; positions count real tokens, so padding does not shift a row. As in the official code, the dynamic-NTK alpha
-is fixed at the prefill (from the longest prompt) and reused by every cached step, and logn scaling follows the
-absolute position.
+token; positions count real tokens, so padding does not shift a row. The family's inputs module turns the padded
+prompts and vision inputs into the prefill's arguments (`prepare`) and gives the arguments every forward of the
+generation shares (`decode_kwargs`: Qwen-VL fixes the dynamic-NTK alpha at the prefill, from the longest prompt, as
+the official code does). The cache carries each row's next position (M-RoPE rows continue after their largest
+position id).
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwenvl_jax.nn.attention import KVCache
-from qwenvl_jax.nn.rotary import ntk_alpha
 
 BUCKET = 64
 
@@ -53,15 +55,13 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_k: 
 
 
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "do_sample", "top_k"))
-def _generate(params, ids, mask, pixel_values, alpha, rng, stop_ids, temperature, top_p, *, module, max_new_tokens,
+def _generate(params, ids, mask, prefill_kw, step_kw, rng, stop_ids, temperature, top_p, *, module, max_new_tokens,
               do_sample, top_k):
-  cfg = module.cfg
+  spec = module.cfg.decoder
   b, p = ids.shape
-  dtype = jnp.dtype(cfg.dtype)
-  cache = KVCache.empty(cfg.num_hidden_layers, b, p + max_new_tokens, cfg.num_attention_heads, cfg.head_dim, dtype,
-                        per_layer=not cfg.scan_layers)
-  logits, cache = module.apply({"params": params}, ids, attention_mask=mask, pixel_values=pixel_values, cache=cache,
-                               ntk_alpha_value=alpha)
+  cache = KVCache.empty(spec.num_layers, b, p + max_new_tokens, spec.kv_heads, spec.head_dim, jnp.dtype(spec.dtype),
+                        per_layer=not spec.scan)
+  logits, cache = module.apply({"params": params}, ids, attention_mask=mask, cache=cache, **prefill_kw, **step_kw)
 
   def pick(lg, key):
     if do_sample:
@@ -80,8 +80,7 @@ def _generate(params, ids, mask, pixel_values, alpha, rng, stop_ids, temperature
   def body(carry):
     i, cache, out, done, rng = carry
     last = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)
-    lg, cache = module.apply({"params": params}, last, attention_mask=jnp.ones_like(last), cache=cache,
-                             ntk_alpha_value=alpha)
+    lg, cache = module.apply({"params": params}, last, attention_mask=jnp.ones_like(last), cache=cache, **step_kw)
     rng, key = jax.random.split(rng)
     tok = pick(lg[:, -1], key)
     tok = jnp.where(done, stop_ids[0], tok)  # finished rows repeat the first stop id
@@ -92,11 +91,11 @@ def _generate(params, ids, mask, pixel_values, alpha, rng, stop_ids, temperature
   return out, n
 
 
-def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 64,
-             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             stop_ids=None, seed: int = 0) -> np.ndarray:
+def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 64, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_ids=None, seed: int = 0,
+             **vision) -> np.ndarray:
   """Greedy or sampled continuation of a batch of prompts -> [B, S + n] ids (prompt as given, then n new tokens;
-  rows that stopped early are filled with their first stop id). See `QwenVLModel.generate`."""
+  rows that stopped early are filled with their first stop id). See `VLModel.generate`."""
   c = model.config
   ids = np.asarray(input_ids)
   if ids.ndim == 1:
@@ -117,13 +116,13 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
   if longest + max_new_tokens > c.max_position_embeddings:
     raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context of "
                      f"{c.max_position_embeddings} (max_position_embeddings)")
-  model.check_inputs(ids, mask, pixel_values)
+  model.check_inputs(ids, mask, **vision)
   stop = np.asarray(sorted(set(int(s) for s in (stop_ids if stop_ids is not None else ()))) or [-1], np.int32)
   pad_id = int(stop[0]) if stop[0] >= 0 else 0
   padded, padded_mask = left_pad(ids, mask, _bucket(longest), pad_id)
-  alpha = ntk_alpha(longest, c.seq_length) if c.use_dynamic_ntk else 1.0
-  pixels = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
-  new, n = _generate(model.params, jnp.asarray(padded), jnp.asarray(padded_mask), pixels, jnp.float32(alpha),
+  prefill_kw = model.check_inputs(padded, padded_mask, **vision)
+  step_kw = model.family.inputs.decode_kwargs(c, longest)
+  new, n = _generate(model.params, jnp.asarray(padded), jnp.asarray(padded_mask), prefill_kw, step_kw,
                      jax.random.PRNGKey(seed), jnp.asarray(stop), jnp.float32(temperature), jnp.float32(top_p),
                      module=model.module, max_new_tokens=max_new_tokens, do_sample=do_sample, top_k=int(top_k))
   new = np.asarray(new)[:, :int(n)]

@@ -1,10 +1,10 @@
 """Parameterised building blocks with logical axis names on every parameter.
 
 Logical names used across the project (mapped to mesh axes by `qwenvl_jax.sharding.LOGICAL_RULES`):
-  vocab, embed, heads, kv, mlp   decoder / resampler widths
-  vit_embed, vit_heads, vit_mlp  ViT widths (kept apart: the ViT is narrower and sharded differently)
-  queries, pos, patch            tables and the patch-embedding kernel (never sharded)
-  layers                         the stacked leading axis added by `nn.scan`
+  vocab, embed, heads, kv_heads, kv, mlp   decoder / adapter widths (kv_heads: grouped-query K/V heads)
+  vit_embed, vit_heads, vit_mlp            ViT widths (kept apart: the ViT is narrower and sharded differently)
+  queries, pos, patch_*, channels          tables and the patch-embedding kernel (never sharded)
+  layers                                   the stacked leading axis added by `nn.scan`
 """
 
 from __future__ import annotations
@@ -17,6 +17,18 @@ import jax.numpy as jnp
 
 Initializer = Callable[..., jax.Array]
 default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+def as_dtype(name_or_dtype):
+  """'bfloat16' | jnp.bfloat16 -> jnp dtype, with a clear error for anything else."""
+  if isinstance(name_or_dtype, str):
+    if name_or_dtype not in DTYPES:
+      raise ValueError(f"unknown dtype {name_or_dtype!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name_or_dtype]
+  return jnp.dtype(name_or_dtype).type
 
 
 class Dense(nn.Module):
@@ -92,6 +104,56 @@ class RMSNorm(nn.Module):
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.epsilon)
     return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """x * sigmoid(1.702 x) (CLIP's approximation, used by the Qwen2-VL ViT)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "silu": nn.silu,
+}
+
+
+class MLP(nn.Module):
+  """fc2(act(fc1(x))) with biases: ViT blocks and projectors. Kernels named (in_axis, hidden_axis) and back."""
+  hidden: int
+  out: int
+  activation: str = "gelu"
+  in_axis: str = "vit_embed"
+  hidden_axis: str = "vit_mlp"
+  out_axis: str | None = None   # default: in_axis
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., Din] -> [..., out]."""
+    kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+    x = dense(self.hidden, (self.in_axis, self.hidden_axis), name="fc1", **kw)(x)
+    x = ACTIVATIONS[self.activation](x)
+    return dense(self.out, (self.hidden_axis, self.out_axis or self.in_axis), name="fc2", **kw)(x)
+
+
+class SwiGLU(nn.Module):
+  """down(up(x) * silu(gate(x))): the Qwen / Qwen2 / LLaMA decoder MLP."""
+  hidden: int
+  out: int
+  use_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., D] -> [..., out]."""
+    kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+    gate = dense(self.hidden, ("embed", "mlp"), name="gate", **kw)(x)
+    up = dense(self.hidden, ("embed", "mlp"), name="up", **kw)(x)
+    return dense(self.out, ("mlp", "embed"), name="down", **kw)(up * nn.silu(gate))
 
 
 def remat_policy(name: str):

@@ -1,5 +1,6 @@
 """Training checkpoints: Orbax CheckpointManager over the train state (params, optimizer state, step, RNG) and the
-Grain iterator state, saved together per step; async saves, keep-N, resume from the latest."""
+Grain iterator state, saved together per step; async saves, keep-N, resume from the latest. Reading only the params
+of a workdir (to start the next stage, or `qv.load`) is `qwenvl_jax.convert.checkpoint.load_training_params`."""
 
 from __future__ import annotations
 
@@ -51,20 +52,3 @@ class TrainCheckpointer:
 
   def close(self) -> None:
     self.manager.close()
-
-
-def latest_params(directory: str, abstract_params, param_shardings):
-  """Params of the latest checkpoint in a training workdir's `checkpoints/` (to start the next stage)."""
-  ckpt_dir = os.path.join(directory, "checkpoints") if os.path.isdir(os.path.join(directory, "checkpoints")) else directory
-  mgr = ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_names=("state", "data"))
-  step = mgr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no training checkpoint in {ckpt_dir}")
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params,
-                        param_shardings)
-  restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item={"params": target}, restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding,
-                                                                                          dtype=t.dtype),
-                                                         {"params": target}), partial_restore=True)))
-  mgr.close()
-  return restored.state["params"], step

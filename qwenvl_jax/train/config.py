@@ -5,14 +5,8 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from qwenvl_jax.config import NAMED
-
-STAGE_FREEZE = {
-    # Stage 1: the LLM is frozen; ViT and adapter learn. Stage 2: everything trains. Stage 3: the ViT is frozen.
-    "stage1": (r"^(wte|decoder|lm_head)/", r"^resampler/pos_embed$"),
-    "stage2": (r"^resampler/pos_embed$",),
-    "stage3": (r"^visual/", r"^resampler/pos_embed$"),
-}
+from qwenvl_jax.models import registry
+from qwenvl_jax.models.qwen_vl.config import STAGE_FREEZE  # the default model's (configs import their family's)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -91,7 +85,8 @@ def validate(c: ml_collections.ConfigDict, dry_run: bool = False) -> None:
   def need(cond, msg):
     if not cond:
       raise ValueError(f"bad config value: {msg}")
-  need(c.model.name in NAMED, f"model.name {c.model.name!r} not in {sorted(NAMED)}")
+  named = registry.named_configs()
+  need(c.model.name in named, f"model.name {c.model.name!r} not in {sorted(named)}")
   need(c.init.source in ("random", "hf", "checkpoint"), f"init.source {c.init.source!r}: random | hf | checkpoint")
   need(dry_run or c.init.source == "random" or c.init.path,
        "init.path is required when init.source is hf or checkpoint")

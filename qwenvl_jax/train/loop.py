@@ -16,13 +16,14 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qwenvl_jax import checkpoint as model_checkpoint
-from qwenvl_jax.config import get_config
+from qwenvl_jax.convert import checkpoint as model_checkpoint
+from qwenvl_jax.convert import loader
+from qwenvl_jax.convert.loader import model_config
 from qwenvl_jax.data.pipeline import DataConfig, DataPipeline
 from qwenvl_jax.data.tokenizer import load_tokenizer
-from qwenvl_jax.model import QwenVL, abstract_params
+from qwenvl_jax.models import registry
 from qwenvl_jax.sharding import LOGICAL_RULES, make_mesh
-from qwenvl_jax.train.checkpointing import TrainCheckpointer, latest_params
+from qwenvl_jax.train.checkpointing import TrainCheckpointer
 from qwenvl_jax.train.optimizer import make_optimizer
 from qwenvl_jax.train.state import bytes_per_device, create_state, state_shardings
 from qwenvl_jax.train.step import StepOptions, flops_per_step, train_step
@@ -34,18 +35,21 @@ class NonFiniteLoss(RuntimeError):
   """Training stopped on a NaN/Inf loss or gradient (the last checkpoint is the last good state)."""
 
 
-def model_config(c):
-  m = c.model
-  return get_config(m.name, param_dtype=m.param_dtype, dtype=m.dtype, remat_policy=m.remat_policy,
-                    scan_layers=m.scan_layers)
+__all__ = ["model_config", "run", "run_stage", "dry_run", "initial_params", "NonFiniteLoss"]
 
 
 def optimizer(c, cfg):
   o = c.optim
   return make_optimizer(lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps, total_steps=o.total_steps, b1=o.b1,
                         b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
-                        vit_layers=cfg.visual.layers, layer_decay=o.layer_decay,
+                        groups=registry.family_of(cfg).param_groups(cfg), layer_decay=o.layer_decay,
                         vision_lr_scale=o.vision_lr_scale, freeze=tuple(o.freeze))
+
+
+def processor_for(c, cfg):
+  """The family's processor at the stage's resolution (e.g. 224 px in stage 1): the one home of image size and
+  image tokens per image for the tokenizer, the data pipeline and the FLOP count."""
+  return registry.family_of(cfg).processor(cfg, image_size=c.data.image_size)
 
 
 def mesh_from(c, devices=None):
@@ -54,7 +58,7 @@ def mesh_from(c, devices=None):
 
 def tokenizer_for(c, cfg, workdir: str):
   """The configured tokenizer; 'shapes' trains the demo SentencePiece once and keeps it with the run."""
-  span = cfg.visual.n_queries
+  span = processor_for(c, cfg).tokens_per_image
   if c.data.tokenizer == "shapes":
     from qwenvl_jax.data.shapes import train_tokenizer
     path = os.path.join(workdir, "tokenizer.model")
@@ -90,11 +94,11 @@ def data_source(c, split: str = "train"):
   return ShapesTfdsSource(d.path, split)
 
 
-def data_pipeline(c, tok, seed_offset: int = 0):
+def data_pipeline(c, tok, processor, seed_offset: int = 0):
   from qwenvl_jax.data.shapes import TASKS
   d = c.data
   per_host = d.batch_size // jax.process_count()
-  dcfg = DataConfig(seq_len=d.seq_len, max_images=d.max_images, image_size=d.image_size, batch_size=per_host,
+  dcfg = DataConfig(seq_len=d.seq_len, max_images=d.max_images, image_size=processor.image_size, batch_size=per_host,
                     mode=d.mode, truncation=d.truncation, strict=d.strict, num_threads=d.num_threads,
                     packing_window=d.packing_window, task_names=TASKS)
   return DataPipeline(data_source(c), tok, dcfg, seed=c.seed + seed_offset, num_epochs=None), TASKS
@@ -106,15 +110,16 @@ def initial_params(c, cfg, param_shardings):
   if src == "random":
     return None
   if src == "hf":
-    from qwenvl_jax.api import load
-    model = load(path, dtype=cfg.param_dtype)
-    if model.config.replace(param_dtype=cfg.param_dtype, dtype=cfg.dtype, scan_layers=cfg.scan_layers,
-                            remat_policy=cfg.remat_policy) != cfg:
+    got = loader.load(path, dtype=cfg.param_dtype, scan_layers=cfg.scan_layers)
+    if type(got.config) is not type(cfg) or got.config.replace(
+        param_dtype=cfg.param_dtype, dtype=cfg.dtype, scan_layers=cfg.scan_layers,
+        remat_policy=cfg.remat_policy) != cfg:
       raise ValueError(f"{path}: its model config does not match model.name={c.model.name}")
-    return model.params
+    return got.params
+  abstract = registry.family_of(cfg).abstract_params(cfg)
   if model_checkpoint.is_checkpoint(path):
-    return model_checkpoint.load(path, abstract_params(cfg), shardings=param_shardings)
-  params, step = latest_params(path, abstract_params(cfg), param_shardings)
+    return model_checkpoint.load(path, abstract, shardings=param_shardings)
+  params, step = model_checkpoint.load_training_params(path, abstract, param_shardings)
   log.warning("initialised from %s (step %d)", path, step)
   return params
 
@@ -168,7 +173,8 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
                      f"{jax.process_count()} and of the data x fsdp mesh size {batch_shards}")
   tx, sched = optimizer(c, cfg)
   abstract, shardings = state_shardings(cfg, tx, mesh)
-  pipeline, tasks = data_pipeline(c, tok)
+  processor = processor_for(c, cfg)
+  pipeline, tasks = data_pipeline(c, tok, processor)
   data_iter = iter(pipeline)
   ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep,
                            async_save=c.checkpoint.async_save)
@@ -190,7 +196,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
   opts = StepOptions(grad_accum=c.optim.grad_accum, loss_chunk=c.optim.loss_chunk, z_loss=c.optim.z_loss,
                      skip_nonfinite=c.nonfinite == "skip", num_tasks=len(tasks))
   batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-  model = QwenVL(cfg)
+  model = registry.family_of(cfg).module(cfg)
   step_fn = jax.jit(lambda s, b: train_step(s, b, model=model, tx=tx, schedule=sched, opts=opts),
                     in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
 
@@ -198,7 +204,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
   writer = _tb_writer(c, workdir, purge_step=start + 1) if primary else None
   total = c.optim.total_steps
-  flops = flops_per_step(cfg, c.data.batch_size, c.data.seq_len, c.data.batch_size * c.data.max_images)
+  flops = flops_per_step(cfg, c.data.batch_size, c.data.seq_len, c.data.batch_size * c.data.max_images, processor)
   peak = (c.peak_flops or measure_matmul_peak()) * jax.device_count()
   bar = _progress(start, total) if (primary and c.log.progress) else None
   window = {"loss": 0.0, "n": 0, "steps": 0, "tokens": 0.0, "time": time.perf_counter(),

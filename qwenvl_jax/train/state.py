@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qwenvl_jax.config import QwenVLConfig
-from qwenvl_jax.model import abstract_params, init_params
+from qwenvl_jax.models import registry
 from qwenvl_jax.sharding import logical_to_sharding
 from qwenvl_jax.train.optimizer import path_str
 from qwenvl_jax.train.step import TrainState
@@ -25,10 +24,11 @@ def _suffix_match_shardings(abstract_tree, param_shardings: dict[str, object], d
   return jax.tree_util.tree_map_with_path(pick, abstract_tree)
 
 
-def state_shardings(cfg: QwenVLConfig, tx, mesh) -> tuple[TrainState, TrainState]:
+def state_shardings(cfg, tx, mesh) -> tuple[TrainState, TrainState]:
   """-> (abstract TrainState, matching tree of NamedShardings). Nothing is allocated."""
-  params_abs = abstract_params(cfg)
-  params_sh = logical_to_sharding(abstract_params(cfg, boxed=True), mesh)
+  fam = registry.family_of(cfg)
+  params_abs = fam.abstract_params(cfg)
+  params_sh = logical_to_sharding(fam.abstract_params(cfg, boxed=True), mesh)
   flat = {path_str(p): (tuple(x.shape), s) for (p, x), s in
           zip(jax.tree_util.tree_leaves_with_path(params_abs), jax.tree.leaves(params_sh))}
   flat = dict(sorted(flat.items(), key=lambda kv: -len(kv[0])))  # longest path first
@@ -40,14 +40,14 @@ def state_shardings(cfg: QwenVLConfig, tx, mesh) -> tuple[TrainState, TrainState
   return abstract, TrainState(step=rep, params=params_sh, opt_state=opt_sh, rng=rep)
 
 
-def create_state(cfg: QwenVLConfig, tx, mesh, seed: int, params=None) -> TrainState:
+def create_state(cfg, tx, mesh, seed: int, params=None) -> TrainState:
   """A fresh state created directly with its shardings (jit out_shardings: no full host copy). `params` (host or
   device arrays) replaces the random initialisation, e.g. weights imported from Hugging Face."""
   _, sh = state_shardings(cfg, tx, mesh)
   rng = jax.random.PRNGKey(seed)
   if params is None:
     def init(key):
-      p = init_params(cfg, key)
+      p = registry.family_of(cfg).init_params(cfg, key)
       return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=key)
     return jax.jit(init, out_shardings=sh)(rng)
   params = jax.device_put(params, sh.params)

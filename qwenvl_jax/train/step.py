@@ -10,8 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qwenvl_jax.config import QwenVLConfig
-from qwenvl_jax.model import QwenVL
+from qwenvl_jax.models import registry
 from qwenvl_jax.train.loss import chunked_token_losses, next_token_targets
 
 
@@ -32,13 +31,13 @@ class StepOptions:
   num_tasks: int = 0           # per-task loss sums for task ids 1..num_tasks
 
 
-def _loss_sums(model: QwenVL, params, batch: dict, opts: StepOptions):
+def _loss_sums(model, params, batch: dict, opts: StepOptions):
   """-> (objective sum, (ce sum, weight sum, per-task ce sums, per-task weights))."""
   seg = batch["segment_ids"]
   hidden = model.apply({"params": params}, batch["input_ids"], attention_mask=seg > 0, positions=batch["positions"],
                        segment_ids=seg, pixel_values=batch.get("pixel_values"), inference=False, return_hidden=True)
   targets, w = next_token_targets(batch["input_ids"], batch["loss_mask"], seg)
-  ce, lse = chunked_token_losses(hidden, params["lm_head"]["kernel"], targets, opts.loss_chunk)
+  ce, lse = chunked_token_losses(hidden, output_kernel(params), targets, opts.loss_chunk)
   ce_sum = jnp.sum(ce * w)
   objective = ce_sum + opts.z_loss * jnp.sum(jnp.square(lse) * w)
   if opts.num_tasks:
@@ -49,7 +48,14 @@ def _loss_sums(model: QwenVL, params, batch: dict, opts: StepOptions):
   return objective, (ce_sum, jnp.sum(w), task_ce, task_w)
 
 
-def train_step(state: TrainState, batch: dict, *, model: QwenVL, tx: optax.GradientTransformation,
+def output_kernel(params) -> jax.Array:
+  """[D, vocab] LM head kernel: `lm_head` or, with tied embeddings, the transposed token embedding."""
+  if "lm_head" in params:
+    return params["lm_head"]["kernel"]
+  return params["wte"]["embedding"].T
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTransformation,
                schedule, opts: StepOptions) -> tuple[TrainState, dict]:
   """One optimizer step over `batch` (leading axis = global batch, split into `opts.grad_accum` micro-batches).
 
@@ -92,19 +98,18 @@ def train_step(state: TrainState, batch: dict, *, model: QwenVL, tx: optax.Gradi
   return new, metrics
 
 
-def flops_per_step(cfg: QwenVLConfig, batch: int, seq_len: int, images: int) -> float:
-  """Training FLOPs of one step = 3 x forward matmul FLOPs (backward = 2 x forward), counting:
+def flops_per_step(cfg, batch: int, seq_len: int, images: int, processor=None) -> float:
+  """Training FLOPs of one step = 3 x forward matmul FLOPs (backward = 2 x forward).
 
-  decoder, per token: q/k/v/o 8*D^2, MLP 6*D*F, lm_head 2*D*V, causal attention 2*S*D (scores + values over
-  S/2 keys on average); ViT, per image with P patches of width W and MLP width M: patch embedding 2*P*3p^2*W,
-  per block 8*P*W^2 + 4*M*P*W + 4*P^2*W; resampler with Q queries: kv_proj 2*P*W*D, k/v 4*P*D^2, q/out/proj
-  6*Q*D^2, attention 4*Q*P*D. Padding images count (they are computed), embeddings lookups and norms do not.
+  Decoder, per token: q/k/v/o 2*D*(2*H + 2*K)*Dh (K key/value heads), MLP 6*D*F, lm_head 2*D*V, causal attention
+  2*S*H*Dh (scores + values over S/2 keys on average). Vision, per image: the family's `image_flops` at the
+  processor's resolution (`processor`: what the data pipeline feeds; default the model's own). Padding images count
+  (they are computed); embedding lookups and norms do not.
   """
-  d, f, v, s = cfg.hidden_size, cfg.mlp_dim, cfg.vocab_size, seq_len
-  per_token = cfg.num_hidden_layers * (8 * d * d + 6 * d * f + 2 * s * d) + 2 * d * v
-  vis = cfg.visual
-  p, w, m, q = vis.grid ** 2, vis.width, vis.mlp_dim, vis.n_queries
-  per_image = 2 * p * 3 * vis.patch_size ** 2 * w
-  per_image += vis.layers * (8 * p * w * w + 4 * m * p * w + 4 * p * p * w)
-  per_image += 2 * p * w * d + 4 * p * d * d + 6 * q * d * d + 4 * q * p * d
-  return 3.0 * (batch * s * per_token + images * per_image)
+  fam = registry.family_of(cfg)
+  processor = fam.processor(cfg) if processor is None else processor
+  spec, s = cfg.decoder, seq_len
+  d, dh, qh, kh = spec.hidden, spec.head_dim, spec.heads, spec.kv_heads
+  per_layer = 2 * d * (2 * qh + 2 * kh) * dh + 6 * d * spec.mlp_dim + 2 * s * qh * dh
+  per_token = spec.num_layers * per_layer + 2 * d * cfg.vocab_size
+  return 3.0 * (batch * s * per_token + images * fam.image_flops(cfg, processor))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from greedy import greedy_decode
 
-from qwenvl_jax.model import QwenVL
+from qwenvl_jax.models.qwen_vl.model import QwenVL
 
 TOL = 1e-4
 

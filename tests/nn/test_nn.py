@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from qwenvl_jax.model import splice_images
 from qwenvl_jax.nn.attention import make_attention_mask
 from qwenvl_jax.nn.layers import LayerNorm, RMSNorm
-from qwenvl_jax.nn.resize import bicubic_matrix, resize_square_table, sincos_2d
+from qwenvl_jax.nn.positions import bicubic_matrix, resize_square_table, sincos_2d
 from qwenvl_jax.nn.rotary import apply_rope, inv_frequencies, logn_scale, ntk_alpha
+from qwenvl_jax.nn.vlm import splice_spans
 
 
 @pytest.mark.parametrize("n_in,n_out", [(16, 32), (16, 8), (16, 4), (16, 37), (7, 16)])
@@ -87,7 +87,7 @@ def test_attention_mask_causal_padding_segments():
   np.testing.assert_array_equal(m, expected)
 
 
-def test_splice_images_batch_major_any_count():
+def test_splice_spans_batch_major_any_count():
   """Image k (counted row by row) fills the slots between the k-th <img> and </img>; tags keep embeddings."""
   start, end, q, d = 50, 51, 3, 4
   ids = np.array([[1, start, 9, 9, 9, end, 2, start, 9, 9, 9, end],
@@ -95,7 +95,7 @@ def test_splice_images_batch_major_any_count():
                   [start, 9, 9, 9, end, 7, 7, 7, 7, 7, 7, 7]])
   emb = np.random.default_rng(3).normal(size=ids.shape + (d,)).astype(np.float32)
   feats = np.random.default_rng(4).normal(size=(4, q, d)).astype(np.float32)  # one spare image: ignored
-  got = np.asarray(splice_images(jnp.asarray(emb), jnp.asarray(ids), jnp.asarray(feats), start, end))
+  got = np.asarray(splice_spans(jnp.asarray(emb), jnp.asarray(ids), jnp.asarray(feats), start, end))
   ref = emb.copy()
   k = 0
   for b in range(ids.shape[0]):
@@ -106,13 +106,13 @@ def test_splice_images_batch_major_any_count():
   assert k == 3
 
 
-def test_splice_images_row_local_slots():
+def test_splice_spans_row_local_slots():
   """[B, M, Q, D] features: row b's k-th span takes features[b, k] (packed rows with M image slots)."""
   start, end, q, d = 50, 51, 2, 3
   ids = np.array([[start, 9, 9, end, start, 9, 9, end], [1, 2, 3, 4, start, 9, 9, end]])
   emb = np.zeros(ids.shape + (d,), np.float32)
   feats = np.random.default_rng(5).normal(size=(2, 3, q, d)).astype(np.float32)  # 3 slots per row
-  got = np.asarray(splice_images(jnp.asarray(emb), jnp.asarray(ids), jnp.asarray(feats), start, end))
+  got = np.asarray(splice_spans(jnp.asarray(emb), jnp.asarray(ids), jnp.asarray(feats), start, end))
   np.testing.assert_array_equal(got[0, 1:3], feats[0, 0])
   np.testing.assert_array_equal(got[0, 5:7], feats[0, 1])
   np.testing.assert_array_equal(got[1, 5:7], feats[1, 0])

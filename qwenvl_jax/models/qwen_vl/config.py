@@ -1,4 +1,4 @@
-"""Model configuration: dataclasses, the named configs, and the HF `config.json` mapping.
+"""Qwen-VL (v1) configuration: dataclasses, the named configs, the HF `config.json` mapping, parameter groups.
 
 A `QwenVLConfig` is frozen and hashable so it can be a static argument of `jax.jit`.
 Field names follow the official Qwen-VL `config.json` where one exists, so the mapping
@@ -8,22 +8,14 @@ to and from Hugging Face is a rename at most.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
-import jax.numpy as jnp
+from qwenvl_jax.models.groups import ParamGroups
+from qwenvl_jax.nn.decoder import DecoderSpec
+from qwenvl_jax.nn.layers import REMAT_POLICIES, as_dtype
+from qwenvl_jax.nn.vit import ViTSpec
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def as_dtype(name_or_dtype: Any):
-  """'bfloat16' | jnp.bfloat16 -> jnp dtype, with a clear error for anything else."""
-  if isinstance(name_or_dtype, str):
-    if name_or_dtype not in DTYPES:
-      raise ValueError(f"unknown dtype {name_or_dtype!r}; expected one of {sorted(DTYPES)}")
-    return DTYPES[name_or_dtype]
-  return jnp.dtype(name_or_dtype).type
+FAMILY = "qwen_vl"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +94,21 @@ class QwenVLConfig:
   def rotary_dim(self) -> int:
     return int(self.kv_channels * self.rotary_pct)
 
+  @property
+  def decoder(self) -> DecoderSpec:
+    return DecoderSpec(num_layers=self.num_hidden_layers, hidden=self.hidden_size, heads=self.num_attention_heads,
+                       kv_heads=self.num_attention_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim,
+                       eps=self.layer_norm_epsilon, qkv_bias=True, out_bias=not self.no_bias,
+                       mlp_bias=not self.no_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                       scan=self.scan_layers, remat=self.remat_policy)
+
+  @property
+  def vit(self) -> ViTSpec:
+    v = self.visual
+    return ViTSpec(width=v.width, layers=v.layers, heads=v.heads, mlp_dim=v.mlp_dim, activation="gelu",
+                   eps=v.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, scan=self.scan_layers,
+                   remat=self.remat_policy)
+
   def replace(self, **kw) -> "QwenVLConfig":
     vis = kw.pop("visual", None)
     cfg = dataclasses.replace(self, **kw)
@@ -131,8 +138,6 @@ class QwenVLConfig:
     need(self.remat_policy in REMAT_POLICIES, f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
 
 
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
-
 # The official Qwen-VL / Qwen-VL-Chat checkpoint.
 QWEN_VL_7B = QwenVLConfig()
 
@@ -152,6 +157,23 @@ QWEN_VL_DEMO = QwenVLConfig(
                         output_dim=256, n_queries=16, image_start_id=215))
 
 NAMED = {"qwen_vl_7b": QWEN_VL_7B, "qwen_vl_tiny": QWEN_VL_TINY, "qwen_vl_demo": QWEN_VL_DEMO}
+
+# The resampler's 2-D sin-cos table is a parameter of the official checkpoint that training keeps fixed.
+_FIXED = r"^resampler/pos_embed$"
+
+# Freezing per stage of the paper's recipe (regexes on parameter paths): stage 1 trains the ViT and adapter with the
+# LLM frozen, stage 2 trains everything, stage 3 freezes the ViT.
+STAGE_FREEZE = {
+    "stage1": (r"^(wte|decoder|lm_head)/", _FIXED),
+    "stage2": (_FIXED,),
+    "stage3": (r"^visual/", _FIXED),
+}
+
+
+def param_groups(cfg: QwenVLConfig) -> ParamGroups:
+  """Which parameters are the ViT, the adapter (resampler) and the LLM, for freezing, LR scales and LLRD."""
+  return ParamGroups(vision=r"^visual/", adapter=r"^resampler/", llm=r"^(wte|decoder|lm_head)/",
+                     vit_layers=cfg.visual.layers, vit_embeddings=r"^visual/(patch_embed|pos_embed|ln_pre/)")
 
 
 def get_config(name: str | QwenVLConfig, **overrides) -> QwenVLConfig:
@@ -211,24 +233,13 @@ def to_hf_dict(cfg: QwenVLConfig, torch_dtype: str = "bfloat16") -> dict:
   return dict(sorted(d.items()))
 
 
-def load_hf_config(folder: str, **overrides) -> QwenVLConfig:
-  path = os.path.join(folder, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no config.json in {folder}")
-  try:
-    with open(path) as f:
-      d = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON: {e}") from None
-  return from_hf_dict(d, **overrides)
-
-
 def to_json_dict(cfg: QwenVLConfig) -> dict:
-  return dataclasses.asdict(cfg)
+  return {"family": FAMILY, **dataclasses.asdict(cfg)}
 
 
 def from_json_dict(d: dict) -> QwenVLConfig:
   d = dict(d)
+  d.pop("family", None)
   vis = VisionConfig(**d.pop("visual"))
   known = {f.name for f in dataclasses.fields(QwenVLConfig)}
   unknown = set(d) - known

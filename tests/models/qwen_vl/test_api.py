@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import qwenvl_jax as qv
-from qwenvl_jax.config import QWEN_VL_TINY
+from qwenvl_jax.models.qwen_vl.config import QWEN_VL_TINY
 
 
 def test_count_params_7b_exact():

@@ -1,4 +1,4 @@
-"""Vision-language adapters. Qwen-VL: the position-aware cross-attention resampler.
+"""The Qwen-VL adapter: a position-aware cross-attention resampler.
 
 ViT tokens [N, P, width] -> kv_proj (no bias) -> ln_kv; n_queries learned queries -> ln_q;
 queries + fixed 2-D sin-cos positions attend to keys (+ the same table bicubic-resized to the ViT grid)
@@ -11,10 +11,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qwenvl_jax.config import VisionConfig
+from qwenvl_jax.models.qwen_vl.config import VisionConfig
 from qwenvl_jax.nn.attention import MultiHeadAttention
 from qwenvl_jax.nn.layers import LayerNorm, dense
-from qwenvl_jax.nn.resize import resize_square_table, sincos_2d
+from qwenvl_jax.nn.positions import resize_square_table, sincos_2d
 
 
 class Resampler(nn.Module):

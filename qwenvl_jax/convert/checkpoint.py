@@ -1,7 +1,8 @@
-"""This project's model checkpoint: an Orbax parameter tree plus the model config (and optional assets).
+"""This project's checkpoints: the model checkpoint (an Orbax parameter tree plus the model config and optional
+assets) and reading the parameters of a `train.py` workdir.
 
-Layout of a checkpoint folder:
-    qwenvl_config.json   the QwenVLConfig (dtype fields included)
+Layout of a model checkpoint folder:
+    qwenvl_config.json   the model config (dtype fields included) and its `family`
     params/groups.json   which parameters (slash-joined paths) each group holds
     params/NNN/          one Orbax StandardCheckpointer tree per group (nested dicts, full paths)
     assets/              optional: tokenizer and other non-weight files carried over from an HF folder
@@ -21,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from qwenvl_jax.config import QwenVLConfig, from_json_dict, to_json_dict
+from qwenvl_jax.models import registry
 
 CONFIG_FILE = "qwenvl_config.json"
 GROUP_BYTES = 1 << 30
@@ -44,9 +45,9 @@ def is_checkpoint(path: str) -> bool:
   return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, "params"))
 
 
-def save(path: str, params, cfg: QwenVLConfig, assets_from: str | None = None, overwrite: bool = False) -> None:
+def save(path: str, params, cfg, assets_from: str | None = None, overwrite: bool = False) -> None:
   """Write params (numpy or jax arrays) and config to `path`; copy non-weight files of `assets_from`."""
-  from qwenvl_jax.convert.hf import WEIGHT_FILE  # late: avoid an import cycle
+  from qwenvl_jax.convert.tensor_io import WEIGHT_FILE
 
   path = os.path.abspath(path)
   if os.path.exists(path):
@@ -66,7 +67,7 @@ def save(path: str, params, cfg: QwenVLConfig, assets_from: str | None = None, o
   with open(os.path.join(path, "params", "groups.json"), "w") as f:
     json.dump([["/".join(p) for p in g] for g in groups], f)
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
-    json.dump(to_json_dict(cfg), f, indent=2)
+    json.dump(registry.family_of(cfg).to_json_dict(cfg), f, indent=2)
   if assets_from and os.path.isdir(assets_from):
     os.makedirs(os.path.join(path, "assets"))
     for name in sorted(os.listdir(assets_from)):
@@ -75,13 +76,15 @@ def save(path: str, params, cfg: QwenVLConfig, assets_from: str | None = None, o
         shutil.copy2(src, os.path.join(path, "assets", name))
 
 
-def load_config(path: str) -> QwenVLConfig:
+def load_config(path: str):
+  """The model config of a checkpoint (its `family` key picks the family; none = Qwen-VL, as written before)."""
   cfg_path = os.path.join(path, CONFIG_FILE)
   try:
     with open(cfg_path) as f:
-      return from_json_dict(json.load(f))
+      d = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f"{cfg_path}: unreadable model config ({e})") from None
+  return registry.family(d.get("family", "qwen_vl")).from_json_dict(d)
 
 
 def load(path: str, abstract, shardings=None):
@@ -120,3 +123,22 @@ def load(path: str, abstract, shardings=None):
 def assets_dir(path: str) -> str | None:
   a = os.path.join(path, "assets")
   return a if os.path.isdir(a) else None
+
+
+def load_training_params(directory: str, abstract_params, param_shardings):
+  """Params of the latest checkpoint of a `train.py` workdir (its `checkpoints/`, or that folder itself) -> (params,
+  step). The train state is stored as Orbax item `state` (`qwenvl_jax.train.checkpointing`); only its params are
+  read."""
+  ckpt_dir = os.path.join(directory, "checkpoints") if os.path.isdir(os.path.join(directory, "checkpoints")) else directory
+  mgr = ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_names=("state", "data"))
+  step = mgr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no training checkpoint in {ckpt_dir}")
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params,
+                        param_shardings)
+  restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={"params": target}, restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding,
+                                                                                          dtype=t.dtype),
+                                                         {"params": target}), partial_restore=True)))
+  mgr.close()
+  return restored.state["params"], step

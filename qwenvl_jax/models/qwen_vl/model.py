@@ -13,41 +13,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qwenvl_jax.adapters import Resampler
-from qwenvl_jax.config import QwenVLConfig, as_dtype
-from qwenvl_jax.decoder import Decoder, StepInputs
-from qwenvl_jax.nn.attention import KVCache, make_attention_mask
-from qwenvl_jax.nn.layers import dense
-from qwenvl_jax.nn.rotary import inv_frequencies, logn_scale, ntk_alpha
-from qwenvl_jax.vision import VisionTransformer
-
-
-def splice_images(embeds: jax.Array, input_ids: jax.Array, features: jax.Array, start_id: int,
-                  end_id: int) -> jax.Array:
-  """Overwrite image-slot embeddings with image features.
-
-  embeds: [B, S, D]; input_ids: [B, S]. features: [N, Q, D] consumed batch-major (image k fills the k-th span
-  counted row by row), or [B, M, Q, D] with M image slots per row (packed rows: row b's k-th span takes
-  features[b, k]). Spans must be well formed (checked on the host by `qwenvl_jax.api.find_image_spans`);
-  unused features are ignored.
-  """
-  b, s = input_ids.shape
-  is_start = input_ids == start_id
-  depth = jnp.cumsum(is_start, axis=1) - jnp.cumsum(input_ids == end_id, axis=1)
-  inside = (depth > 0) & ~is_start
-  t = jnp.arange(s)
-  last_start = jax.lax.cummax(jnp.where(is_start, t, -1), axis=1)
-  q = features.shape[-2]
-  slot = jnp.clip(t - last_start - 1, 0, q - 1)
-  if features.ndim == 4:
-    m = features.shape[1]
-    image_index = jnp.clip(jnp.cumsum(is_start, axis=1) - 1, 0, m - 1)
-    picked = features[jnp.arange(b)[:, None], image_index, slot]
-  else:
-    n = features.shape[0]
-    image_index = jnp.clip(jnp.cumsum(is_start.reshape(-1)).reshape(b, s) - 1, 0, n - 1)
-    picked = features[image_index, slot]
-  return jnp.where(inside[..., None], picked.astype(embeds.dtype), embeds)
+from qwenvl_jax.models.qwen_vl.config import QwenVLConfig
+from qwenvl_jax.models.qwen_vl.resampler import Resampler
+from qwenvl_jax.models.qwen_vl.vision import VisionTransformer
+from qwenvl_jax.nn.attention import KVCache
+from qwenvl_jax.nn.decoder import Decoder, StepInputs, decoder_masks, updated_cache
+from qwenvl_jax.nn.layers import as_dtype, dense
+from qwenvl_jax.nn.rotary import inv_frequencies, logn_scale, ntk_alpha, rope_angles
+from qwenvl_jax.nn.vlm import splice_spans
 
 
 class QwenVL(nn.Module):
@@ -63,9 +36,9 @@ class QwenVL(nn.Module):
     kw = dict(dtype=as_dtype(c.dtype), param_dtype=as_dtype(c.param_dtype))
     self.wte = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=nn.with_logical_partitioning(
         nn.initializers.normal(0.02), ("vocab", "embed")), **kw)
-    self.visual = VisionTransformer(c.visual, scan_layers=c.scan_layers, remat_policy=c.remat_policy, **kw)
+    self.visual = VisionTransformer(c)
     self.resampler = Resampler(c.visual, **kw)
-    self.decoder = Decoder(c)
+    self.decoder = Decoder(c.decoder)
     self.lm_head = dense(c.vocab_size, ("embed", "vocab"), name="lm_head", use_bias=False, **kw)
 
   def vit(self, pixel_values: jax.Array) -> jax.Array:
@@ -90,17 +63,17 @@ class QwenVL(nn.Module):
     attention_mask: [B, S] 1 = real token (default all real). positions: [B, S] RoPE positions (default
     cumsum(mask) - 1, so left padding does not shift a row). segment_ids: [B, S] packed-sample ids (no
     attention across segments). Images come as `pixel_values` [N, 3, H, W] | [B, M, 3, H, W] or precomputed
-    `image_features` [N, Q, D] | [B, M, Q, D] (see `splice_images`). `inference=True` enables the official inference-only behaviours (dynamic NTK, logn) when the
-    config enables them; `ntk_alpha_value` overrides the NTK alpha (cached decoding keeps the prefill's).
+    `image_features` [N, Q, D] | [B, M, Q, D] (see `nn.vlm.splice_spans`). `inference=True` enables the official
+    inference-only behaviours (dynamic NTK, logn) when the config enables them; `ntk_alpha_value` overrides the
+    NTK alpha (cached decoding keeps the prefill's).
     """
     c = self.cfg
     b, s = input_ids.shape
     valid = jnp.ones((b, s), bool) if attention_mask is None else attention_mask.astype(bool)
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-      if cache is not None:
-        # continue after the real tokens already cached in each row
-        positions = positions + jnp.sum(cache.valid, axis=1, keepdims=True)
+      if cache is not None:  # continue after the real tokens already cached in each row
+        positions = positions + cache.next_pos[:, None]
     x = self.wte(input_ids)
     if pixel_values is not None:
       if pixel_values.ndim == 5:  # [B, M, 3, H, W]: M image slots per (packed) row
@@ -109,36 +82,25 @@ class QwenVL(nn.Module):
       else:
         image_features = self.encode_images(pixel_values)
     if image_features is not None:
-      x = splice_images(x, input_ids, image_features, c.visual.image_start_id, c.visual.image_end_id)
+      x = splice_spans(x, input_ids, image_features, c.visual.image_start_id, c.visual.image_end_id)
     # Constrain at the block boundary: left to propagation, the splice's sharding (image features come out
     # split over 'tensor') gave wrong logits under jax.set_mesh on jax 0.10.2 (tests/sharded_forward.py).
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-    if cache is None:
-      q_slots = jnp.broadcast_to(jnp.arange(s), (b, s))
-      mask = make_attention_mask(q_slots, valid, segment_ids, segment_ids)
-      cache_start, key_len = None, s
-    else:
-      cache_start = cache.length
-      q_slots = jnp.broadcast_to(cache_start + jnp.arange(s), (b, s))
-      key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache_start, axis=1)
-      mask = make_attention_mask(q_slots, key_valid)
-      key_len = s  # a prefill: the official alpha comes from the new tokens' count
-
+    mask, cache_start, key_valid = decoder_masks(valid, segment_ids, cache)
     use_ntk = inference and c.use_dynamic_ntk
-    if ntk_alpha_value is None:
-      ntk_alpha_value = ntk_alpha(key_len, c.seq_length) if use_ntk else 1.0
+    if ntk_alpha_value is None:  # a prefill: the official alpha comes from the new tokens' count
+      ntk_alpha_value = ntk_alpha(s, c.seq_length) if use_ntk else 1.0
     io = StepInputs(
-        positions=positions, mask=mask,
-        inv_freq=inv_frequencies(c.rotary_dim, c.rotary_emb_base, ntk_alpha_value),
+        rope=rope_angles(positions, inv_frequencies(c.rotary_dim, c.rotary_emb_base, ntk_alpha_value)), mask=mask,
         query_scale=logn_scale(positions, c.seq_length) if (inference and c.use_logn_attn) else None,
         cache_start=cache_start)
     hidden, new_kv = self.decoder(x, io, cache)
     out = hidden if return_hidden else self.lm_head(hidden)
     if cache is None:
       return out
-    new_cache = KVCache(k=new_kv[0], v=new_kv[1], valid=key_valid, length=cache.length + s)
-    return out, new_cache
+    next_pos = cache.next_pos + jnp.sum(valid, axis=1).astype(jnp.int32)
+    return out, updated_cache(cache, new_kv, key_valid, s, next_pos)
 
 
 def _init_inputs(cfg: QwenVLConfig):
@@ -164,3 +126,15 @@ def abstract_params(cfg: QwenVLConfig, boxed: bool = False):
 def count_params(cfg: QwenVLConfig) -> int:
   """Number of parameters (the resampler's fixed sin-cos table included, as in the official checkpoint)."""
   return sum(int(x.size) for x in jax.tree.leaves(abstract_params(cfg)))
+
+
+def image_flops(cfg: QwenVLConfig, processor) -> float:
+  """Forward matmul FLOPs of one image at the processor's resolution (P patches of width W, MLP width M, Q queries):
+  patch embedding 2*P*3p^2*W; per ViT block 8*P*W^2 + 4*M*P*W + 4*P^2*W; resampler kv_proj 2*P*W*D, k/v 4*P*D^2,
+  q/out/proj 6*Q*D^2, attention 4*Q*P*D."""
+  v, d = cfg.visual, cfg.hidden_size
+  p, w, m, q = processor.patches_per_image, v.width, v.mlp_dim, processor.tokens_per_image
+  flops = 2 * p * 3 * v.patch_size ** 2 * w
+  flops += v.layers * (8 * p * w * w + 4 * m * p * w + 4 * p * p * w)
+  flops += 2 * p * w * d + 4 * p * d * d + 6 * q * d * d + 4 * q * p * d
+  return float(flops)

@@ -187,7 +187,7 @@ def test_not_a_checkpoint(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     qv.load(str(tmp_path / "nope"))
   (tmp_path / "empty").mkdir()
-  with pytest.raises(qv.CheckpointError, match="neither a Hugging Face Qwen-VL folder"):
+  with pytest.raises(qv.CheckpointError, match="neither a Hugging Face folder"):
     qv.load(str(tmp_path / "empty"))
 
 

@@ -1,0 +1,19 @@
+"""Qwen-VL (v1): ViT-bigG/14 at a fixed resolution -> 256-query cross-attention resampler -> Qwen-7B."""
+
+from qwenvl_jax.models.qwen_vl import config, inputs, model, params, processor
+from qwenvl_jax.models.registry import Family
+
+
+def _processor_from_pretrained(folder: str, cfg, image_size: int | None = None):
+  del folder  # the resolution is part of config.json (visual.image_size)
+  return processor.QwenVLProcessor.for_config(cfg, image_size=image_size)
+
+
+FAMILY = Family(
+    name=config.FAMILY, config_class=config.QwenVLConfig, named=config.NAMED,
+    from_hf_dict=config.from_hf_dict, to_hf_dict=config.to_hf_dict,
+    from_json_dict=config.from_json_dict, to_json_dict=config.to_json_dict,
+    module=model.QwenVL, init_params=model.init_params, abstract_params=model.abstract_params,
+    hf_slots=params.hf_slots, ignored_hf_keys=params.IGNORED_HF_KEYS,
+    processor=processor.QwenVLProcessor.for_config, processor_from_pretrained=_processor_from_pretrained,
+    param_groups=config.param_groups, image_flops=model.image_flops, inputs=inputs)

@@ -1,0 +1,65 @@
+"""The ViT trunk shared by the families: pre-LN blocks x + attn(ln_1(x)), x + mlp(ln_2(x)).
+
+Qwen-VL: exact-GELU MLP, no positions inside the blocks (a learned table is added before the trunk). Qwen2-VL:
+QuickGELU MLP, 2-D rotary angles in every block, attention confined to each image (a block-diagonal mask over one
+packed sequence). Parameter names: layers/{ln_1, attn/{q,k,v,out}, ln_2, mlp/{fc1,fc2}}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+
+from qwenvl_jax.nn.attention import MultiHeadAttention
+from qwenvl_jax.nn.layers import MLP, LayerNorm, apply_layers, as_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTSpec:
+  width: int
+  layers: int
+  heads: int
+  mlp_dim: int
+  activation: str = "gelu"   # gelu | quick_gelu | gelu_tanh
+  eps: float = 1e-6
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan: bool = True
+  remat: str = "none"
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.heads
+
+  @property
+  def kw(self) -> dict:
+    return dict(dtype=as_dtype(self.dtype), param_dtype=as_dtype(self.param_dtype))
+
+
+class ViTBlock(nn.Module):
+  """Pre-LN transformer block; signature fits `apply_layers` (mask and rope broadcast, nothing per layer)."""
+  spec: ViTSpec
+
+  @nn.compact
+  def __call__(self, x, mask=None, rope=None, _layer_in=None):
+    c = self.spec
+    h = LayerNorm(c.eps, "vit_embed", name="ln_1", **c.kw)(x)
+    h = MultiHeadAttention(c.heads, c.head_dim, c.width, "vit_embed", "vit_heads", "vit_embed", name="attn",
+                           **c.kw)(h, h, h, mask=mask, rope=rope)
+    x = x + h
+    h = LayerNorm(c.eps, "vit_embed", name="ln_2", **c.kw)(x)
+    x = x + MLP(c.mlp_dim, c.width, c.activation, name="mlp", **c.kw)(h)
+    x = nn.with_logical_constraint(x, ("batch", "length", "vit_embed"))
+    return x, None
+
+
+def vit_trunk(spec: ViTSpec, x: jax.Array, mask: jax.Array | None = None, rope: jax.Array | None = None):
+  """Run the blocks; call from inside a parent's `nn.compact` method (parameters under `layers`).
+
+  x: [N, P, width]; mask: [N, 1, P, P] bool or None; rope: [N, P, head_dim / 2] angles or None -> [N, P, width].
+  """
+  x, _ = apply_layers(ViTBlock, dict(spec=spec), x, (mask, rope), length=spec.layers, scan=spec.scan,
+                      remat=spec.remat)
+  return x

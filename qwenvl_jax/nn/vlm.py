@@ -1,0 +1,51 @@
+"""Putting image features into token embeddings: the two ways the families mark where they go.
+
+  * spans (Qwen-VL): a fixed number of slots strictly between `<img>` and `</img>` per image;
+  * placeholders (Qwen2-VL, InternVL): every `<|image_pad|>` (or `<IMG_CONTEXT>`) token takes the next feature row.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def splice_spans(embeds: jax.Array, input_ids: jax.Array, features: jax.Array, start_id: int,
+                 end_id: int) -> jax.Array:
+  """Overwrite image-slot embeddings with image features.
+
+  embeds: [B, S, D]; input_ids: [B, S]. features: [N, Q, D] consumed batch-major (image k fills the k-th span
+  counted row by row), or [B, M, Q, D] with M image slots per row (packed rows: row b's k-th span takes
+  features[b, k]). Spans must be well formed (checked on the host before the call); unused features are ignored.
+  """
+  b, s = input_ids.shape
+  is_start = input_ids == start_id
+  depth = jnp.cumsum(is_start, axis=1) - jnp.cumsum(input_ids == end_id, axis=1)
+  inside = (depth > 0) & ~is_start
+  t = jnp.arange(s)
+  last_start = jax.lax.cummax(jnp.where(is_start, t, -1), axis=1)
+  q = features.shape[-2]
+  slot = jnp.clip(t - last_start - 1, 0, q - 1)
+  if features.ndim == 4:
+    m = features.shape[1]
+    image_index = jnp.clip(jnp.cumsum(is_start, axis=1) - 1, 0, m - 1)
+    picked = features[jnp.arange(b)[:, None], image_index, slot]
+  else:
+    n = features.shape[0]
+    image_index = jnp.clip(jnp.cumsum(is_start.reshape(-1)).reshape(b, s) - 1, 0, n - 1)
+    picked = features[image_index, slot]
+  return jnp.where(inside[..., None], picked.astype(embeds.dtype), embeds)
+
+
+def scatter_placeholders(embeds: jax.Array, input_ids: jax.Array, features: jax.Array, token_id: int,
+                         offset: jax.Array | int = 0) -> jax.Array:
+  """Every `token_id` in input_ids (counted batch-major) takes the next row of features, starting at `offset`.
+
+  embeds: [B, S, D]; input_ids: [B, S]; features: [N, D] (rows beyond the placeholders, e.g. bucket padding, are
+  ignored). The count must match (checked on the host before the call).
+  """
+  b, s = input_ids.shape
+  is_ph = input_ids == token_id
+  index = jnp.cumsum(is_ph.reshape(-1)).reshape(b, s) - 1 + offset
+  picked = features[jnp.clip(index, 0, features.shape[0] - 1)]
+  return jnp.where(is_ph[..., None], picked.astype(embeds.dtype), embeds)
