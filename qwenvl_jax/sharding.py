@@ -32,6 +32,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # small tables and the stacked layer axis: replicated
     ("queries", None),
     ("pos", None),
+    ("patch_t", None),
     ("patch_h", None),
     ("patch_w", None),
     ("channels", None),

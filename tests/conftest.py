@@ -9,6 +9,7 @@ import pytest
 from train_runs import REF_OVERRIDES, describe, metrics, once, session_root, subprocess_env, train, write_config
 
 FIXTURE_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "qwen_vl_tiny")
+QWEN2_VL_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "qwen2_vl_tiny")
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +45,30 @@ def tiny_model_unrolled():
 def fixture_tensors():
   from safetensors.numpy import load_file
   return load_file(os.path.join(FIXTURE_DIR, "model.safetensors"))
+
+
+# --- Qwen2-VL (tests/models/qwen2_vl) ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def q2_dir():
+  return QWEN2_VL_DIR
+
+
+@pytest.fixture(scope="session")
+def q2_case():
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      cache[name] = dict(np.load(os.path.join(QWEN2_VL_DIR, f"case_{name}.npz")))
+    return cache[name]
+  return get
+
+
+@pytest.fixture(scope="session")
+def q2_model():
+  import qwenvl_jax as qv
+  return qv.load(QWEN2_VL_DIR, dtype="float32")
 
 
 # --- train.py end-to-end runs (test_train_loop.py, test_train_cli.py) ---------------------------------------------

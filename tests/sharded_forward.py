@@ -1,6 +1,7 @@
-"""Run as a script with 8 fake CPU devices: the fixture model on a (data 2, fsdp 2, tensor 2) mesh.
+"""Run as a script with 8 fake CPU devices: each fixture model on a (data 2, fsdp 2, tensor 2) mesh.
 
-Prints one JSON line: max |sharded - single-device| logits, and per-device vs total parameter bytes.
+Prints one JSON line per fixture folder given: max |sharded - single-device| logits, per-device vs total parameter
+bytes, and the q kernel's sharding.
 """
 
 import os
@@ -15,39 +16,46 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import qwenvl_jax as qv  # noqa: E402
-from qwenvl_jax.models.qwen_vl.model import abstract_params  # noqa: E402
 from qwenvl_jax.sharding import LOGICAL_RULES, logical_to_sharding, make_mesh, replicated  # noqa: E402
 
+VISION = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
-def main(fixture_dir):
-  assert jax.device_count() == 8
+
+def run(fixture_dir, case):
   model = qv.load(fixture_dir)
-  c = np.load(os.path.join(fixture_dir, "case_batch.npz"))
+  c = np.load(os.path.join(fixture_dir, f"case_{case}.npz"))
   ids = np.concatenate([c["input_ids"]] * 2)
   mask = np.concatenate([c["attention_mask"]] * 2)
-  pixels = np.concatenate([c["pixel_values"]] * 2)
-  single = np.asarray(model.logits(ids, mask, pixels))
+  if model.family.name == "qwen_vl":
+    vision = {"pixel_values": np.concatenate([c["pixel_values"]] * 2)}
+  else:  # the batch twice: its images twice, in order
+    vision = {k: np.concatenate([c[k]] * 2) for k in VISION if k in c}
+  single = np.asarray(model.logits(ids, mask, **vision))
+  kw = model.check_inputs(ids, mask, **vision)
 
   mesh = make_mesh(data=2, fsdp=2, tensor=2)
-  shardings = logical_to_sharding(abstract_params(model.config, boxed=True), mesh)
+  shardings = logical_to_sharding(model.family.abstract_params(model.config, boxed=True), mesh)
   params = jax.device_put(model.params, shardings)
   batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
 
   @jax.jit
-  def forward(p, ids, mask, pixels):
-    return model.module.apply({"params": p}, ids, attention_mask=mask, pixel_values=pixels)
+  def forward(p, ids, mask, kw):
+    return model.module.apply({"params": p}, ids, attention_mask=mask, **kw)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-    sharded = np.asarray(forward(params, jax.device_put(ids, batch), jax.device_put(mask, batch),
-                                 jax.device_put(pixels, replicated(mesh))))
+    kw = jax.device_put(kw, replicated(mesh))
+    sharded = np.asarray(forward(params, jax.device_put(ids, batch), jax.device_put(mask, batch), kw))
   leaves = jax.tree.leaves(params)
-  total = sum(x.nbytes for x in leaves)
-  per_device = sum(x.addressable_shards[0].data.nbytes for x in leaves)
   q = params["decoder"]["layers"]["attn"]["q"]["kernel"]
-  print(json.dumps({"maxdiff": float(np.abs(sharded - single).max()), "total_bytes": total,
-                    "per_device_bytes": per_device, "q_kernel_spec": str(q.sharding.spec),
-                    "q_shard_shape": list(q.addressable_shards[0].data.shape), "q_shape": list(q.shape)}))
+  valid = mask.astype(bool)
+  return {"family": model.family.name, "maxdiff": float(np.abs(sharded - single)[valid].max()),
+          "total_bytes": sum(x.nbytes for x in leaves),
+          "per_device_bytes": sum(x.addressable_shards[0].data.nbytes for x in leaves),
+          "q_kernel_spec": str(q.sharding.spec), "q_shard_shape": list(q.addressable_shards[0].data.shape),
+          "q_shape": list(q.shape)}
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  assert jax.device_count() == 8
+  for folder in sys.argv[1:]:
+    print(json.dumps(run(folder, "batch" if "qwen_vl_tiny" in folder else "video")))

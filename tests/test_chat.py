@@ -8,10 +8,10 @@ import PIL.Image
 import pytest
 
 import qwenvl_jax as qv
-from qwenvl_jax.models.qwen_vl.config import QWEN_VL_DEMO
 from qwenvl_jax.data.conversation import make_context
 from qwenvl_jax.infer.chat import chat
 from qwenvl_jax.infer.grounding import draw_grounding, parse_grounding
+from qwenvl_jax.models.qwen_vl.config import QWEN_VL_DEMO
 
 
 @pytest.fixture(scope="module")

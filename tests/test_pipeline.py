@@ -9,10 +9,10 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from qwenvl_jax.models.qwen_vl.config import QWEN_VL_TINY
 from qwenvl_jax.data.images import ImageError
 from qwenvl_jax.data.pipeline import DataConfig, DataPipeline, SampleEncoder
 from qwenvl_jax.data.tokenizer import train_sentencepiece
+from qwenvl_jax.models.qwen_vl.config import QWEN_VL_TINY
 from qwenvl_jax.models.qwen_vl.model import QwenVL, init_params
 
 WORDS = "red green blue circle square triangle what color shape how many is the a and of record".split()
@@ -197,8 +197,8 @@ def test_window_packer_fills_rows_and_respects_image_slots():
 
 
 def test_demo_tokenizer_matches_demo_model(tmp_path):
-  from qwenvl_jax.models.qwen_vl.config import QWEN_VL_DEMO
   from qwenvl_jax.data.shapes import train_tokenizer
+  from qwenvl_jax.models.qwen_vl.config import QWEN_VL_DEMO
   tok = train_tokenizer(str(tmp_path / "tok"), num_records=300)
   assert tok.vocab_size <= QWEN_VL_DEMO.vocab_size
   assert tok.img_start_id == QWEN_VL_DEMO.visual.image_start_id and tok.image_span == QWEN_VL_DEMO.visual.n_queries

@@ -68,10 +68,9 @@ def mesh_mode():
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec
 
-  from qwenvl_jax.models.qwen_vl.config import QWEN_VL_DEMO
+  from qwenvl_jax.models.qwen_vl.config import QWEN_VL_DEMO, STAGE_FREEZE, param_groups
   from qwenvl_jax.models.qwen_vl.model import QwenVL
   from qwenvl_jax.sharding import LOGICAL_RULES, make_mesh
-  from qwenvl_jax.models.qwen_vl.config import STAGE_FREEZE, param_groups
   from qwenvl_jax.train.optimizer import make_optimizer
   from qwenvl_jax.train.state import bytes_per_device, create_state, state_shardings
   from qwenvl_jax.train.step import StepOptions, train_step

@@ -11,8 +11,8 @@ import importlib
 from typing import Any, Callable
 
 # family name -> package; HF config.json model_type -> family name
-FAMILY_PACKAGES = {"qwen_vl": "qwenvl_jax.models.qwen_vl"}
-MODEL_TYPES = {"qwen": "qwen_vl"}
+FAMILY_PACKAGES = {"qwen_vl": "qwenvl_jax.models.qwen_vl", "qwen2_vl": "qwenvl_jax.models.qwen2_vl"}
+MODEL_TYPES = {"qwen": "qwen_vl", "qwen2_vl": "qwen2_vl"}
 
 
 @dataclasses.dataclass(frozen=True)

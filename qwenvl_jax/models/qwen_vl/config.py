@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from qwenvl_jax.models import config_base
 from qwenvl_jax.models.groups import ParamGroups
 from qwenvl_jax.nn.decoder import DecoderSpec
-from qwenvl_jax.nn.layers import REMAT_POLICIES, as_dtype
 from qwenvl_jax.nn.vit import ViTSpec
 
 FAMILY = "qwen_vl"
@@ -110,13 +110,7 @@ class QwenVLConfig:
                    remat=self.remat_policy)
 
   def replace(self, **kw) -> "QwenVLConfig":
-    vis = kw.pop("visual", None)
-    cfg = dataclasses.replace(self, **kw)
-    if vis is not None:
-      vis = dataclasses.replace(self.visual, **vis) if isinstance(vis, dict) else vis
-      cfg = dataclasses.replace(cfg, visual=vis)
-    cfg.validate()
-    return cfg
+    return config_base.replace(self, "visual", **kw)
 
   def validate(self) -> None:
     def need(cond, msg):
@@ -133,9 +127,7 @@ class QwenVLConfig:
     need(int(round(v.pos_table_size ** 0.5)) ** 2 == v.pos_table_size, "visual.pos_table_size must be a square")
     need(v.image_size % v.patch_size == 0, "visual.image_size must be a multiple of patch_size")
     need(v.image_pad_id < self.vocab_size, f"image token ids {v.image_start_id}..{v.image_pad_id} outside vocab {self.vocab_size}")
-    for name in ("param_dtype", "dtype"):
-      as_dtype(getattr(self, name))
-    need(self.remat_policy in REMAT_POLICIES, f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
+    config_base.check_switches(self, need)
 
 
 # The official Qwen-VL / Qwen-VL-Chat checkpoint.
@@ -234,17 +226,8 @@ def to_hf_dict(cfg: QwenVLConfig, torch_dtype: str = "bfloat16") -> dict:
 
 
 def to_json_dict(cfg: QwenVLConfig) -> dict:
-  return {"family": FAMILY, **dataclasses.asdict(cfg)}
+  return config_base.to_json(cfg, FAMILY)
 
 
 def from_json_dict(d: dict) -> QwenVLConfig:
-  d = dict(d)
-  d.pop("family", None)
-  vis = VisionConfig(**d.pop("visual"))
-  known = {f.name for f in dataclasses.fields(QwenVLConfig)}
-  unknown = set(d) - known
-  if unknown:
-    raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-  cfg = QwenVLConfig(**d, visual=vis)
-  cfg.validate()
-  return cfg
+  return config_base.from_json(QwenVLConfig, VisionConfig, "visual", d)

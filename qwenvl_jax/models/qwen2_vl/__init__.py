@@ -1,0 +1,15 @@
+"""Qwen2-VL: any-resolution ViT with 2-D RoPE (images and videos) -> 2x2 patch merger -> Qwen2 with M-RoPE."""
+
+from qwenvl_jax.models.qwen2_vl import config, inputs, model, params, processor
+from qwenvl_jax.models.registry import Family
+
+FAMILY = Family(
+    name=config.FAMILY, config_class=config.Qwen2VLConfig, named=config.NAMED,
+    from_hf_dict=config.from_hf_dict, to_hf_dict=config.to_hf_dict,
+    from_json_dict=config.from_json_dict, to_json_dict=config.to_json_dict,
+    module=model.Qwen2VL, init_params=model.init_params, abstract_params=model.abstract_params,
+    hf_slots=params.hf_slots, ignored_hf_keys=params.IGNORED_HF_KEYS,
+    processor=processor.Qwen2VLProcessor.for_config,
+    processor_from_pretrained=lambda folder, cfg, **kw: processor.Qwen2VLProcessor.from_pretrained(folder, cfg, **kw),
+    param_groups=config.param_groups, image_flops=model.image_flops, inputs=inputs,
+    hf_key_alias=params.hf_key_alias)

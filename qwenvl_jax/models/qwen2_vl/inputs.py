@@ -1,0 +1,99 @@
+"""Host-side model inputs of Qwen2-VL: checks with one-line errors, M-RoPE positions, the packed vision batch.
+
+    kwargs = prepare(cfg, input_ids, attention_mask, pixel_values=..., image_grid_thw=..., pixel_values_videos=...,
+                     video_grid_thw=...)                                    # -> module(input_ids, **kwargs)
+
+Images and videos go through the ViT as one packed sequence: image patches, then video patches, then padding up to
+a bucket (`patch_bucket`: the next power of two, at least 64), so only a new bucket compiles a new program; padding
+patches form their own attention segment and their merged rows are never read.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from qwenvl_jax.models.qwen2_vl.config import Qwen2VLConfig
+from qwenvl_jax.models.qwen2_vl.positions import patch_positions, rope_index, tokens_of
+
+VISION_ARGS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+MIN_PATCH_BUCKET = 64
+
+
+def patch_bucket(n: int) -> int:
+  """Patch rows the ViT runs for n real patches: the next power of two (>= 64)."""
+  return max(MIN_PATCH_BUCKET, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _grids(cfg: Qwen2VLConfig, grid, pixels, kind: str):
+  """Validate one modality's (pixels, grids) -> (pixels [P, D] float32 or None, grids [N, 3] int64)."""
+  if grid is None and pixels is None:
+    return None, np.zeros((0, 3), np.int64)
+  names = ("pixel_values", "image_grid_thw") if kind == "image" else ("pixel_values_videos", "video_grid_thw")
+  if grid is None or pixels is None:
+    raise ValueError(f"{names[0]} and {names[1]} go together; got only {names[0] if grid is None else names[1]}")
+  g = np.asarray(grid)
+  if g.ndim != 2 or g.shape[1] != 3 or not np.issubdtype(g.dtype, np.integer) or (g.size and g.min() < 1):
+    raise ValueError(f"{names[1]} must be a [N, 3] array of positive integers; got {g.tolist()}")
+  m = cfg.vision.spatial_merge_size
+  if kind == "image" and g.size and (g[:, 0] != 1).any():
+    raise ValueError(f"{names[1]}: an image has t = 1; got {g.tolist()}")
+  if g.size and ((g[:, 1] % m).any() or (g[:, 2] % m).any()):
+    raise ValueError(f"{names[1]}: h and w must be multiples of the merge size {m}; got {g.tolist()}")
+  x = np.asarray(pixels, np.float32)
+  need = int(np.prod(g, axis=1).sum())
+  if x.ndim != 2 or x.shape[1] != cfg.vision.patch_dim or x.shape[0] != need:
+    raise ValueError(f"{names[0]} has shape {list(x.shape)} but {names[1]} {g.tolist()} needs "
+                     f"[{need}, {cfg.vision.patch_dim}]")
+  return x, g
+
+
+def vision_batch(cfg: Qwen2VLConfig, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+                 video_grid_thw=None) -> tuple[dict, np.ndarray, np.ndarray]:
+  """-> (module kwargs: pixel_values [Pb, D], vision_rows_cols [Pb, 2], vision_segments [Pb], n_image_tokens;
+  image grids, video grids). Empty kwargs when there is no image and no video."""
+  img, ig = _grids(cfg, image_grid_thw, pixel_values, "image")
+  vid, vg = _grids(cfg, video_grid_thw, pixel_values_videos, "video")
+  parts = [x for x in (img, vid) if x is not None]
+  if not parts:
+    return {}, ig, vg
+  x = np.concatenate(parts)
+  rows_cols, segments = patch_positions(np.concatenate([ig, vg]), cfg.vision.spatial_merge_size)
+  n, pb = x.shape[0], patch_bucket(x.shape[0])
+  padded = np.zeros((pb, x.shape[1]), np.float32)
+  padded[:n] = x
+  rc = np.zeros((pb, 2), np.int32)
+  rc[:n] = rows_cols
+  seg = np.zeros((pb,), np.int32)
+  seg[:n] = segments
+  n_image_tokens = sum(tokens_of(g, cfg.vision.spatial_merge_size) for g in ig)
+  kw = {"pixel_values": jnp.asarray(padded), "vision_rows_cols": jnp.asarray(rc),
+        "vision_segments": jnp.asarray(seg), "n_image_tokens": jnp.int32(n_image_tokens)}
+  return kw, ig, vg
+
+
+def prepare(cfg: Qwen2VLConfig, ids: np.ndarray, mask: np.ndarray, **vision) -> dict:
+  """Check placeholders against grids and grids against pixels -> keyword arguments of `Qwen2VL.__call__`."""
+  kw, ig, vg = vision_batch(cfg, **vision)
+  positions, _ = rope_index(ids, mask, ig, vg, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+                            merge=cfg.vision.spatial_merge_size, rule=cfg.position_rule)
+  return {"positions": jnp.asarray(positions), **kw}
+
+
+def decode_kwargs(cfg: Qwen2VLConfig, longest_prompt: int) -> dict:
+  """Nothing beyond the cache: each row's next position travels in it (`KVCache.next_pos`)."""
+  del cfg, longest_prompt
+  return {}
+
+
+def encode_args(cfg: Qwen2VLConfig, pixel_values, image_grid_thw=None, video: bool = False):
+  """-> (arguments of `Qwen2VL.encode_images` / `Qwen2VL.vit`, (real patches, real merged rows))."""
+  if image_grid_thw is None:
+    raise ValueError("Qwen2-VL needs the grids with the pixels: encode_images(pixel_values, image_grid_thw)")
+  names = {"pixel_values_videos": pixel_values, "video_grid_thw": image_grid_thw} if video else {
+      "pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
+  kw, ig, vg = vision_batch(cfg, **names)
+  grids = vg if video else ig
+  n = int(np.prod(grids, axis=1).sum())
+  args = (kw["pixel_values"], kw["vision_rows_cols"], kw["vision_segments"])
+  return args, (n, n // cfg.vision.spatial_merge_size ** 2)
