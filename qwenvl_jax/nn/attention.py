@@ -83,6 +83,11 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
   """
   b, s, h, d = q.shape
   kv_heads = k.shape[1]
+  if kv_heads == h:  # plain multi-head: the 4-D products (XLA lowers them without the group axis' transposes)
+    scores = jnp.einsum("bshd,bhtd->bhst", q, k, preferred_element_type=jnp.float32) * d ** -0.5
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhst,bhtd->bshd", probs, v)
   qg = q.reshape(b, s, kv_heads, h // kv_heads, d)  # query head h = kv head * group + g
   scores = jnp.einsum("bskgd,bktd->bkgst", qg, k, preferred_element_type=jnp.float32) * d ** -0.5
   scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
