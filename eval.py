@@ -34,7 +34,7 @@ def run(c, checkpoint: str, split: str, out: str) -> dict:
   if tok_path is None:
     raise FileNotFoundError(f"no tokenizer found with {checkpoint}; pass --tokenizer")
   proc = model.processor()
-  tok = qv.load_tokenizer(tok_path, image_span=proc.tokens_per_image)
+  tok = qv.load_tokenizer(tok_path, image_span=proc.fixed_image_tokens)
   source = _source(c, split, proc.image_size)
   metrics, predictions = evaluate(model, tok, source, max_examples=_MAX.value, batch_size=_BATCH.value,
                                   max_new_tokens=_MAX_NEW.value)

@@ -168,7 +168,7 @@ def find_tokenizer(path: str) -> str | None:
   (or the chained run above it)."""
   candidates = [path, os.path.join(path, "assets"), os.path.dirname(os.path.abspath(path))]
   for folder in candidates:
-    for name in ("qwen.tiktoken", "tokenizer.model"):
+    for name in ("qwen.tiktoken", "tokenizer.model", "tokenizer.json"):
       if os.path.isfile(os.path.join(folder, name)):
         return os.path.join(folder, name)
   return None

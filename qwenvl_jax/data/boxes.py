@@ -1,4 +1,5 @@
-"""Grounding boxes as text: `<ref>phrase</ref><box>(x1,y1),(x2,y2)</box>` with integers in [0, 1000).
+"""Grounding boxes as text: `<ref>phrase</ref><box>(x1,y1),(x2,y2)</box>` with integers in [0, 1000) (Qwen-VL), or
+`<|object_ref_start|>phrase<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>` (Qwen2-VL); both parse.
 
 Pixel boxes (x1, y1, x2, y2) on a W x H image are normalised with floor(x / W * 1000) clamped to [0, 999];
 the inverse maps a normalised n back to n / 1000 * W pixels (the official Qwen-VL convention).
@@ -8,8 +9,9 @@ from __future__ import annotations
 
 import re
 
-BOX_RE = re.compile(r"<box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>")
-REF_BOX_RE = re.compile(r"<ref>(.*?)</ref>\s*<box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>")
+_BOX = r"(?:<box>|<\|box_start\|>)\((\d+),(\d+)\),\((\d+),(\d+)\)(?:</box>|<\|box_end\|>)"
+BOX_RE = re.compile(_BOX)
+REF_BOX_RE = re.compile(r"(?:<ref>|<\|object_ref_start\|>)(.*?)(?:</ref>|<\|object_ref_end\|>)\s*" + _BOX)
 
 
 class BoxError(ValueError):

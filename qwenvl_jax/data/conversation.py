@@ -15,6 +15,7 @@ with the caption and `<|endoftext|>` as targets. Images are written `Picture N: 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from qwenvl_jax.data.tokenizer import ENDOFTEXT, IM_END, IM_START, IMAGE_ST, Tokenizer
 
@@ -36,6 +37,17 @@ def image_prompt(refs, start: int = 0) -> str:
   """'Picture 1: <img>a.png</img>\\nPicture 2: <img>b.png</img>\\n' for the given image references, numbered
   after `start` images already in the conversation."""
   return "".join(f"Picture {start + i + 1}: <img>{r}</img>\n" for i, r in enumerate(refs))
+
+
+_IMAGE_PREFIX = re.compile(r"((?:Picture \d+: <img>.*?</img>\n)*)(.*)", re.S)
+_IMAGE_REF = re.compile(r"<img>(.*?)</img>", re.S)
+
+
+def split_image_prefix(query: str) -> tuple[list[str], str]:
+  """'Picture 1: <img>a.png</img>\n...question' -> (['a.png'], 'question'): the image references that a chat turn
+  starts with (as `image_prompt` writes them) and the text after them. Image tags later in the text stay text."""
+  m = _IMAGE_PREFIX.fullmatch(query)
+  return _IMAGE_REF.findall(m.group(1)), m.group(2)
 
 
 def normalize_roles(conversations, where: str = "sample") -> list[tuple[str, str]]:
@@ -124,5 +136,34 @@ def make_context(tok: Tokenizer, query: str, history=None, system: str = DEFAULT
   return raw, ids
 
 
-__all__ = ["DEFAULT_SYSTEM", "ENDOFTEXT", "FormatError", "Tokenized", "format_chat", "format_pretrain", "format_text",
-           "image_prompt", "make_context", "normalize_roles"]
+def chatml_ids(tok, turns, system: str = DEFAULT_SYSTEM) -> list[int]:
+  """ChatML prompt ids for the families whose images are placeholder blocks (Qwen2-VL):
+
+      <|im_start|>system\n{system}<|im_end|>\n
+      <|im_start|>user\n{vision block}...{text}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n   (history)
+      <|im_start|>user\n{vision block}...{text}<|im_end|>\n<|im_start|>assistant\n                     (the ask)
+
+  turns: [(parts, answer)], parts a list of text (encoded as text: special-looking characters stay characters) and
+  id lists (vision blocks, inserted as given); answer None for the turn being asked (the last). Text between two
+  special tokens is encoded as one piece, as the Hugging Face chat template's string is.
+  """
+  pieces: list = [[tok.im_start_id], "system\n" + system, [tok.im_end_id], "\n"]
+  for parts, answer in turns:
+    pieces += [[tok.im_start_id], "user\n", *parts, [tok.im_end_id], "\n", [tok.im_start_id], "assistant\n"]
+    if answer is not None:
+      pieces += [answer, [tok.im_end_id], "\n"]
+  ids: list[int] = []
+  text = ""
+  for p in pieces + [[]]:
+    if isinstance(p, str):
+      text += p
+      continue
+    if text:
+      ids += tok.encode(text)
+      text = ""
+    ids += [int(i) for i in p]
+  return ids
+
+
+__all__ = ["DEFAULT_SYSTEM", "ENDOFTEXT", "FormatError", "Tokenized", "chatml_ids", "format_chat", "format_pretrain",
+           "format_text", "image_prompt", "make_context", "normalize_roles", "split_image_prefix"]

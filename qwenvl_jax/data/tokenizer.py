@@ -224,15 +224,19 @@ def default_qwen_vocab() -> str | None:
   return path if os.path.isfile(path) else None
 
 
-def load_tokenizer(path: str, image_span: int = 256) -> Tokenizer:
-  """A `qwen.tiktoken` file, a folder holding one (e.g. an HF Qwen-VL checkpoint), or a SentencePiece `.model`."""
+def load_tokenizer(path: str, image_span: int = 256):
+  """A `qwen.tiktoken` file, a SentencePiece `.model`, a Hugging Face `tokenizer.json` (Qwen2 / Qwen2-VL,
+  `hf_tokenizer.HFTokenizer`), or a folder holding one of them (e.g. an HF checkpoint)."""
   if os.path.isdir(path):
-    for name in ("qwen.tiktoken", "tokenizer.model"):
+    for name in ("qwen.tiktoken", "tokenizer.model", "tokenizer.json"):
       if os.path.isfile(os.path.join(path, name)):
         return load_tokenizer(os.path.join(path, name), image_span)
-    raise FileNotFoundError(f"{path}: no qwen.tiktoken or tokenizer.model in this folder")
+    raise FileNotFoundError(f"{path}: no qwen.tiktoken, tokenizer.model or tokenizer.json in this folder")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"tokenizer file {path} does not exist")
+  if path.endswith(".json"):
+    from qwenvl_jax.data.hf_tokenizer import HFTokenizer
+    return HFTokenizer(path)
   if path.endswith(".model"):
     return SentencePieceTokenizer(path, image_span)
   return QwenTokenizer(path, image_span)

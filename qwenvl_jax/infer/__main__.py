@@ -1,10 +1,10 @@
-"""Chat with a Qwen-VL checkpoint from the command line.
+"""Chat with a Qwen-VL or Qwen2-VL checkpoint from the command line.
 
     python -m qwenvl_jax.infer --checkpoint DIR --image a.png --prompt "Describe the image."
     python -m qwenvl_jax.infer --checkpoint DIR                 # interactive: type questions, /image PATH, /reset
 
-DIR is an HF Qwen-VL folder, this project's checkpoint, or a train.py workdir (one stage). Boxes in an answer are
-drawn on the image and saved as PNG (--boxes_out).
+DIR is an HF folder (Qwen-VL: qwen.tiktoken; Qwen2-VL: tokenizer.json), this project's checkpoint, or a train.py
+workdir (one stage). Boxes in an answer are drawn on the image and saved as PNG (--boxes_out).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 
 
 def _answer(model, tok, query, history, images, args):
+  from qwenvl_jax.data.boxes import BOX_RE
   from qwenvl_jax.infer.chat import chat
   from qwenvl_jax.infer.grounding import draw_grounding, parse_grounding
 
@@ -23,7 +24,7 @@ def _answer(model, tok, query, history, images, args):
   response, history = chat(model, tok, query, history=history, images=images, **kw)
   print(response, flush=True)
   last_image = next((i for i in reversed(images or []) if isinstance(i, str)), None)
-  if last_image and "<box>" in response:
+  if last_image and BOX_RE.search(response):
     from PIL import Image
     with Image.open(last_image) as im:
       size = im.size
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     if tok_path is None:
       raise FileNotFoundError(f"no tokenizer found with {args.checkpoint}; pass --tokenizer")
     model = qv.load(args.checkpoint, dtype=args.dtype, scan_layers=False)  # unrolled layers decode faster
-    tok = qv.load_tokenizer(tok_path, image_span=model.processor().tokens_per_image)
+    tok = qv.load_tokenizer(tok_path, image_span=model.processor().fixed_image_tokens)
     if args.prompt is not None:
       _answer(model, tok, args.prompt, None, args.image, args)
       return 0

@@ -58,7 +58,7 @@ def mesh_from(c, devices=None):
 
 def tokenizer_for(c, cfg, workdir: str):
   """The configured tokenizer; 'shapes' trains the demo SentencePiece once and keeps it with the run."""
-  span = processor_for(c, cfg).tokens_per_image
+  span = processor_for(c, cfg).fixed_image_tokens
   if c.data.tokenizer == "shapes":
     from qwenvl_jax.data.shapes import train_tokenizer
     path = os.path.join(workdir, "tokenizer.model")

@@ -80,6 +80,12 @@ def prepare(cfg: Qwen2VLConfig, ids: np.ndarray, mask: np.ndarray, **vision) -> 
   return {"positions": jnp.asarray(positions), **kw}
 
 
+def vision_block(cfg: Qwen2VLConfig, n_tokens: int, video: bool = False) -> list[int]:
+  """The ids of one image (video) in a prompt: <|vision_start|>, n_tokens placeholders, <|vision_end|>."""
+  pad = cfg.video_token_id if video else cfg.image_token_id
+  return [cfg.vision_start_token_id] + [pad] * int(n_tokens) + [cfg.vision_end_token_id]
+
+
 def decode_kwargs(cfg: Qwen2VLConfig, longest_prompt: int) -> dict:
   """Nothing beyond the cache: each row's next position travels in it (`KVCache.next_pos`)."""
   del cfg, longest_prompt

@@ -92,6 +92,8 @@ class Qwen2VLProcessor:
     kw.update(overrides)
     return cls(**kw)
 
+  fixed_image_tokens = None  # images become as many tokens as their grid says (`tokens`)
+
   @property
   def factor(self) -> int:
     return self.patch_size * self.merge_size

@@ -36,6 +36,11 @@ class QwenVLProcessor:
     return self.n_queries
 
   @property
+  def fixed_image_tokens(self) -> int:
+    """Every image becomes this many tokens (what a tokenizer's fixed image span is sized to)."""
+    return self.n_queries
+
+  @property
   def patches_per_image(self) -> int:
     return (self.image_size // self.patch_size) ** 2
 

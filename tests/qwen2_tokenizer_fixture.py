@@ -1,0 +1,26 @@
+"""Test helper: a tiny Qwen2-style tokenizer.json (byte-level BPE + the Qwen2-VL special tokens) whose ids fit the
+Qwen2-VL fixture model: regular pieces 0..479, <|vision_start|> 480, <|vision_end|> 481, <|image_pad|> 482,
+<|video_pad|> 483, then the ChatML and grounding tokens from 485 on (484 is the fixture's padding id)."""
+
+SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|pad_fixture|>",
+            "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+            "<|box_start|>", "<|box_end|>"]
+TEXTS = ["You are a helpful assistant.", "What is in the picture?", "a red square and a blue circle",
+         "the cat sits on the mat", "user", "assistant", "system", "(12,34),(56,78)"] * 20
+
+
+def build(path: str) -> str:
+  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=480, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(TEXTS, trainer)
+  filler = [f"<|unused_{i}|>" for i in range(480 - tok.get_vocab_size())]  # the corpus may give fewer merges
+  tok.add_tokens(filler)
+  tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+  assert tok.token_to_id("<|vision_start|>") == 480 and tok.token_to_id("<|endoftext|>") == 485
+  tok.save(path)
+  return path
