@@ -117,3 +117,43 @@ def test_splice_spans_row_local_slots():
   np.testing.assert_array_equal(got[0, 5:7], feats[0, 1])
   np.testing.assert_array_equal(got[1, 5:7], feats[1, 0])
   assert (got[1, :4] == 0).all() and (got[:, [0, 3, 4, 7]][0] == 0).all()
+
+
+def test_mrope_sections_pick_each_axis():
+  from qwenvl_jax.nn.rotary import mrope_angles, rope_angles
+  inv = inv_frequencies(16, 1e6)                               # 8 frequencies
+  same = jnp.broadcast_to(jnp.arange(5)[None, None], (3, 1, 5))
+  np.testing.assert_array_equal(mrope_angles(same, inv, (2, 3, 3)), rope_angles(jnp.arange(5)[None], inv))
+  t, h, w = jnp.arange(5) + 1, jnp.arange(5) * 2, jnp.arange(5) * 3
+  got = np.asarray(mrope_angles(jnp.stack([t, h, w])[:, None], inv, (2, 3, 3)))[0]
+  want = np.concatenate([np.outer(t, inv[:2]), np.outer(h, inv[2:5]), np.outer(w, inv[5:])], axis=1)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  with pytest.raises(ValueError, match="does not sum"):
+    mrope_angles(same, inv, (2, 2, 2))
+
+
+def test_vision_rope_rows_then_columns():
+  from qwenvl_jax.nn.rotary import vision_rope_angles
+  rc = jnp.array([[0, 0], [2, 5]])
+  got = np.asarray(vision_rope_angles(rc, head_dim=16, theta=10000.0))   # 4 frequencies per axis
+  f = 1.0 / 10000.0 ** (np.arange(0, 8, 2) / 8)
+  np.testing.assert_allclose(got, [np.zeros(8), np.concatenate([2 * f, 5 * f])], rtol=1e-6)
+
+
+def test_grouped_query_attention_equals_repeated_heads():
+  from qwenvl_jax.nn.attention import cached_attention, dot_product_attention
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((2, 3, 6, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((2, 7, 2, 8)), jnp.float32) for _ in range(2))
+  mask = jnp.asarray(rng.random((2, 1, 3, 7)) > 0.3).at[..., 0].set(True)
+  repeated = dot_product_attention(q, jnp.repeat(k, 3, axis=2), jnp.repeat(v, 3, axis=2), mask)  # head h -> h // 3
+  np.testing.assert_allclose(dot_product_attention(q, k, v, mask), repeated, atol=1e-5)
+  np.testing.assert_allclose(cached_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask), repeated, atol=1e-5)
+
+
+def test_scatter_placeholders_in_order_with_offset():
+  from qwenvl_jax.nn.vlm import scatter_placeholders
+  ids = jnp.array([[1, 9, 9, 2], [9, 3, 9, 9]])
+  feats = jnp.arange(10, dtype=jnp.float32)[:, None] * jnp.ones((1, 2))
+  got = np.asarray(scatter_placeholders(jnp.zeros((2, 4, 2)), ids, feats, 9, offset=4))[..., 0]
+  np.testing.assert_array_equal(got, [[0, 4, 5, 0], [6, 0, 7, 8]])
