@@ -164,14 +164,15 @@ def test_model_sees_packed_samples_in_isolation(tok):
   cfg = QWEN_VL_TINY.replace(vocab_size=tok.vocab_size, visual=dict(image_start_id=tok.img_start_id))
   params = init_params(cfg, jax.random.key(0))
   model = QwenVL(cfg)
+  apply = jax.jit(lambda ids, **kw: model.apply({"params": params}, ids, inference=False, **kw))
   dcfg = config(image_size=112, seq_len=224, max_images=3, batch_size=1)
   batches = collect(DataPipeline(make_records(16, seed=4), tok, dcfg, seed=1, process_index=0, process_count=1))
   batch = max(batches, key=lambda b: (min(b["segment_ids"].max(), 2), b["image_mask"].sum()))
   seg = batch["segment_ids"]
   assert seg.max() >= 2 and batch["image_mask"].any()
-  packed = model.apply({"params": params}, jnp.asarray(batch["input_ids"]), attention_mask=jnp.asarray(seg > 0),
-                       positions=jnp.asarray(batch["positions"]), segment_ids=jnp.asarray(seg),
-                       pixel_values=jnp.asarray(batch["pixel_values"]), inference=False)
+  packed = apply(jnp.asarray(batch["input_ids"]), attention_mask=jnp.asarray(seg > 0),
+                 positions=jnp.asarray(batch["positions"]), segment_ids=jnp.asarray(seg),
+                 pixel_values=jnp.asarray(batch["pixel_values"]))
   slot = 0
   for s in range(1, seg.max() + 1):
     sel = seg[0] == s
@@ -179,7 +180,7 @@ def test_model_sees_packed_samples_in_isolation(tok):
     n = int((ids == tok.img_start_id).sum())
     pix = jnp.asarray(batch["pixel_values"][0][slot:slot + n]) if n else None
     slot += n
-    alone = model.apply({"params": params}, jnp.asarray(ids[None]), pixel_values=pix, inference=False)
+    alone = apply(jnp.asarray(ids[None]), pixel_values=pix)
     np.testing.assert_allclose(np.asarray(packed[0][sel]), np.asarray(alone[0]), atol=1e-4)
 
 
