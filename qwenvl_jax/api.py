@@ -14,6 +14,7 @@ Vision inputs are the family's: Qwen-VL `pixel_values` [N, 3, H, W]; Qwen2-VL `p
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -29,14 +30,42 @@ from qwenvl_jax.models.qwen_vl.inputs import find_image_spans  # noqa: F401 - pu
 
 
 class VLModel:
-  """A model of any family with its parameters; methods accept and return numpy or jax arrays."""
+  """A model of any family with its parameters; methods accept and return numpy or jax arrays.
 
-  def __init__(self, config, params, assets_dir: str | None = None):
+  With a `mesh` (a (data, fsdp, tensor) `jax.sharding.Mesh`: `qv.load(path, mesh=...)` or `model.to_mesh(mesh)`)
+  the parameters live in their shards and `logits` / `generate` run on that mesh (the KV cache split over key/value
+  heads where the tensor axis divides them, prompts over data x fsdp where that divides the batch).
+  """
+
+  def __init__(self, config, params, assets_dir: str | None = None, mesh=None):
     self.config = config
     self.params = params
     self.family = registry.family_of(config)
     self.module = self.family.module(config)
     self.assets_dir = assets_dir
+    self.mesh = mesh
+
+  def to_mesh(self, mesh) -> "VLModel":
+    """This model with its parameters placed into their shards on `mesh`."""
+    params = jax.device_put(self.params, loader.param_shardings(self.config, mesh))
+    return VLModel(self.config, params, self.assets_dir, mesh)
+
+  def on_mesh(self):
+    """Context for running this model's programs: its mesh and the logical-axis rules (no-op without a mesh)."""
+    stack = contextlib.ExitStack()
+    if self.mesh is not None:
+      import flax.linen as nn
+
+      from qwenvl_jax.sharding import LOGICAL_RULES
+      stack.enter_context(jax.set_mesh(self.mesh))
+      stack.enter_context(nn.logical_axis_rules(LOGICAL_RULES))
+    return stack
+
+  def batch_sharding(self, batch: int):
+    """Where [B, ...] inputs go on the mesh: split over data x fsdp when that divides B, else replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    return NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")) if batch % rows == 0 else PartitionSpec())
 
   @classmethod
   def random(cls, config="qwen_vl_tiny", seed: int = 0, **overrides) -> "VLModel":
@@ -106,7 +135,11 @@ class VLModel:
     limit = self.config.max_position_embeddings
     if ids.shape[1] > limit:
       raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds max_position_embeddings {limit}")
-    return self._jit_logits(self.params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), kw)
+    ids, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
+    if self.mesh is not None:
+      ids, mask = jax.device_put((ids, mask), self.batch_sharding(ids.shape[0]))
+    with self.on_mesh():
+      return self._jit_logits(self.params, ids, mask, kw)
 
   def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens: int = 64,
                do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -131,19 +164,22 @@ class VLModel:
 QwenVLModel = VLModel
 
 
-def load(path: str, dtype: str | None = "float32", progress: bool = False, **overrides) -> VLModel:
+def load(path: str, dtype: str | None = "float32", progress: bool = False, mesh=None, **overrides) -> VLModel:
   """Load an HF folder (safetensors or pytorch_model*.bin; config.json `model_type` picks the family), this
   project's checkpoint, or a train.py workdir.
 
   dtype: parameter and compute dtype ('float32' | 'bfloat16' | None = keep the checkpoint's for ours).
+  mesh: a (data, fsdp, tensor) mesh (`qwenvl_jax.sharding.make_mesh`): every parameter is placed straight into its
+  shards as it is read (no host or device ever holds the whole model) and the model runs on that mesh.
   overrides: config fields (e.g. scan_layers=False: unrolled layers, whose per-layer KV-cache buffers make decoding
   faster; any checkpoint converts to either layout on load).
   """
   bar = _progress_bar(path) if progress else None
-  got = loader.load(path, dtype=dtype, progress=bar.update if bar else None, **overrides)
+  got = loader.load(path, dtype=dtype, progress=bar.update if bar else None, mesh=mesh, **overrides)
   if bar:
     bar.close()
-  return VLModel(got.config, jax.tree.map(jnp.asarray, got.params), assets_dir=got.assets_dir)
+  params = got.params if mesh is not None else jax.tree.map(jnp.asarray, got.params)
+  return VLModel(got.config, params, assets_dir=got.assets_dir, mesh=mesh)
 
 
 def load_processor(path: str, **overrides):

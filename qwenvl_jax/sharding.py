@@ -57,10 +57,40 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
+def parse_mesh(text: str, devices=None) -> Mesh:
+  """'DATA,FSDP,TENSOR' (e.g. '1,1,8'; one size may be -1) -> make_mesh(...), with one-line errors."""
+  try:
+    sizes = [int(v) for v in text.split(",")]
+  except ValueError:
+    sizes = []
+  if len(sizes) != 3:
+    raise ValueError(f"mesh {text!r}: expected three sizes DATA,FSDP,TENSOR such as 1,1,8")
+  return make_mesh(*sizes, devices=devices)
+
+
 def logical_to_sharding(boxed_tree, mesh: Mesh, rules=LOGICAL_RULES):
-  """Tree of boxed (logically partitioned) values or ShapeDtypeStructs -> tree of NamedSharding."""
+  """Tree of boxed (logically partitioned) values or ShapeDtypeStructs -> tree of NamedSharding.
+
+  A dimension the mesh axes do not divide is replicated instead (e.g. 2 key/value heads on tensor=8, or 12 query
+  heads on tensor=8): the same rules then serve every model on every mesh, at the cost of duplicating that tensor.
+  """
   logical_specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+  shapes = nn.meta.unbox(boxed_tree)
+  return jax.tree.map(lambda sh, x: divisible(sh, x.shape), shardings, shapes,
+                      is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def divisible(sharding: NamedSharding, shape) -> NamedSharding:
+  """`sharding` with every dimension that its mesh axes do not divide evenly replicated."""
+  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+  for d, axes in enumerate(spec):
+    if axes is None:
+      continue
+    size = int(np.prod([sharding.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+    if shape[d] % size:
+      spec[d] = None
+  return NamedSharding(sharding.mesh, PartitionSpec(*spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

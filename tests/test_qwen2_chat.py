@@ -85,9 +85,11 @@ def test_qwen2_vl_grounding_parses_like_v1():
 
 def test_cli(folder, tmp_path):
   base = [sys.executable, "-m", "qwenvl_jax.infer", "--checkpoint", folder, "--max_new_tokens", "3"]
-  ok = subprocess.run(base + ["--image", os.path.join(folder, "img1.png"), "--prompt", "Describe it."],
-                      capture_output=True, text=True, timeout=300)
+  ok = subprocess.run(base + ["--image", os.path.join(folder, "img1.png"), "--prompt", "Describe it.", "--mesh",
+                              "1,1,1"], capture_output=True, text=True, timeout=300)
   assert ok.returncode == 0, ok.stderr[-2000:]
+  bad = subprocess.run(base + ["--prompt", "x", "--mesh", "1,1,2"], capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and "error: mesh" in bad.stderr and "needs 2 devices, have 1" in bad.stderr
   bare = tmp_path / "no_tokenizer"
   shutil.copytree(folder, bare, ignore=shutil.ignore_patterns("tokenizer.json"))
   bad = subprocess.run(base[:4] + [str(bare), "--prompt", "x"], capture_output=True, text=True, timeout=300)

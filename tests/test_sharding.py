@@ -49,3 +49,26 @@ def test_sharded_forward_matches_single_device(fixture_dir, q2_dir):
     # nearly everything is sharded 4 ways (fsdp x tensor); only norms, biases and small tables are not (the tiny
     # Qwen2-VL has relatively more of those: 30% of its bytes per device)
     assert r["per_device_bytes"] < 0.32 * r["total_bytes"]
+
+
+def test_loaded_onto_a_mesh_greedy_tokens_equal_one_device(fixture_dir, q2_dir):
+  """qv.load(path, mesh=...) places the weights into their shards as they are read; generate runs on the mesh with
+  the KV cache over key/value heads. tensor=8 (neither tiny model has 8 heads: those dims replicate) and data=2 x
+  tensor=4 (Qwen2-VL's 2 key/value heads replicate, its query heads split)."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), env.get("PYTHONPATH", "")])
+  script = os.path.join(os.path.dirname(__file__), "sharded_generate.py")
+  out = subprocess.run([sys.executable, script, fixture_dir, q2_dir], env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = [json.loads(line) for line in out.stdout.strip().splitlines() if line.startswith("{")]
+  rows = {(r["family"], tuple(r["mesh"])): r for r in lines if "mesh" in r}
+  restored = {r["family"]: r for r in lines if "checkpoint_on_mesh_maxdiff" in r}
+  assert set(restored) == {"qwen_vl", "qwen2_vl"}
+  for r in restored.values():  # the Orbax checkpoint restored into its shards (4 heads over tensor=4)
+    assert r["checkpoint_on_mesh_maxdiff"] <= 1e-4 and r["q_spec"] == "P('fsdp', 'tensor', None)"
+  assert set(rows) == {(f, m) for f in ("qwen_vl", "qwen2_vl") for m in ((1, 8), (2, 4))}
+  for r in rows.values():
+    assert r["equal"] and r["new"] == 8 and r["per_device_fraction"] < 0.7  # (heads that do not split replicate)
+  assert rows["qwen_vl", (2, 4)]["kv"] == "P(None, 'tensor', None, None)"          # 4 heads over tensor=4; 1 row
+  assert rows["qwen2_vl", (2, 4)]["kv"] == "P(('data', 'fsdp'), None, None, None)"  # 2 rows split; 2 kv heads < 4

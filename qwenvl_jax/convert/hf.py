@@ -15,10 +15,12 @@ import shutil
 from typing import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax.traverse_util import flatten_dict as flatten
 from flax.traverse_util import unflatten_dict as unflatten
+from jax.sharding import NamedSharding, PartitionSpec
 
 from qwenvl_jax.convert.tensor_io import (
   WEIGHT_FILE,
@@ -66,17 +68,10 @@ def check_keys(folder: str, cfg) -> dict[str, Slot]:
   return {stored[k]: slot for k, slot in slots.items()}
 
 
-def import_hf_params(folder: str, cfg, abstract: dict, dtype: str = "float32",
-                     progress: Callable[[int], None] | None = None) -> dict:
-  """Read an HF checkpoint folder into a nested dict of numpy arrays shaped like `abstract`.
-
-  abstract: tree of ShapeDtypeStruct (the family's `abstract_params(cfg)`); dtype: target dtype.
-  progress(n_bytes) is called after each tensor.
-  """
+def _converted(folder: str, cfg, shapes: dict):
+  """Read an HF folder tensor by tensor; yield (tree path, index on the stacked layer axis or None, array in our
+  layout) for every parameter piece, checking names, shapes and completeness on the way."""
   slots = check_keys(folder, cfg)
-  shapes = {p: tuple(x.shape) for p, x in flatten(abstract).items()}
-  np_dtype = NP_DTYPES[dtype]
-  buffers: dict[tuple, np.ndarray] = {}
   filled: set = set()
   for name, arr in iter_checkpoint(folder):
     slot = slots.get(name)
@@ -95,24 +90,69 @@ def import_hf_params(folder: str, cfg, abstract: dict, dtype: str = "float32",
       if outs is None or tuple(outs[k].shape) != want:
         raise CheckpointError(f"{name}: shape {tuple(arr.shape)} does not fit the config "
                               f"({'/'.join(tree_path)} expects {want})")
-      buf = buffers.get(tree_path)
-      if buf is None:
-        buf = buffers[tree_path] = aligned_empty(full, np_dtype)
-      if idx is None:
-        buf[...] = outs[k]
-      else:
-        buf[idx] = outs[k]
       filled.add((tree_path, idx))
-    if progress is not None:
-      progress(arr.nbytes)
+      yield tree_path, idx, outs[k], arr.nbytes if k == len(slot.rule.ours) - 1 else 0
     del arr, outs
   expected = {param_location(p, s.layer, cfg.scan_layers) for s in slots.values() for p in s.rule.ours}
   if expected - filled:
-    raise CheckpointError(f"{folder}: some parameters were not filled: {_short_list(str(e) for e in expected - filled)}")
-  if set(shapes) - set(buffers):
+    unfilled = _short_list(str(e) for e in expected - filled)
+    raise CheckpointError(f"{folder}: some parameters were not filled: {unfilled}")
+  missing = set(shapes) - {p for p, _ in filled}
+  if missing:
     raise CheckpointError(f"{folder}: model parameters with no checkpoint tensor: "
-                          f"{_short_list('/'.join(p) for p in set(shapes) - set(buffers))}")
-  return unflatten(buffers)
+                          f"{_short_list('/'.join(p) for p in missing)}")
+
+
+def import_hf_params(folder: str, cfg, abstract: dict, dtype: str = "float32",
+                     progress: Callable[[int], None] | None = None, shardings=None) -> dict:
+  """Read an HF checkpoint folder into a nested dict of arrays shaped like `abstract`.
+
+  abstract: tree of ShapeDtypeStruct (the family's `abstract_params(cfg)`); dtype: target dtype; progress(n_bytes)
+  is called after each tensor. Without `shardings`: host numpy arrays (peak memory: the converted model plus one
+  tensor). With `shardings` (a matching tree of NamedSharding): every tensor goes into its device shards as soon as
+  it is read, so no host holds more than one tensor; stacked layers are placed slice by slice and stacked on the
+  devices once complete. Each process places only its own devices' shards.
+  """
+  shapes = {p: tuple(x.shape) for p, x in flatten(abstract).items()}
+  np_dtype = NP_DTYPES[dtype]
+  pieces = _converted(folder, cfg, shapes)
+  if shardings is None:
+    buffers: dict[tuple, np.ndarray] = {}
+    for tree_path, idx, x, nbytes in pieces:
+      buf = buffers.get(tree_path)
+      if buf is None:
+        buf = buffers[tree_path] = aligned_empty(shapes[tree_path], np_dtype)
+      buf[... if idx is None else idx] = x
+      if progress is not None and nbytes:
+        progress(nbytes)
+    return unflatten(buffers)
+  flat_sh = flatten(shardings)
+  placed: dict[tuple, jax.Array] = {}
+  layers: dict[tuple, dict[int, jax.Array]] = {}
+  for tree_path, idx, x, nbytes in pieces:
+    x = np.asarray(x).astype(np_dtype)
+    sharding = flat_sh[tree_path]
+    if idx is None:
+      placed[tree_path] = _put(x, sharding)
+    else:  # one layer of a stacked parameter: its slice's sharding is the parameter's without the layer axis
+      part = layers.setdefault(tree_path, {})
+      part[idx] = _put(x, NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:])))
+      if len(part) == shapes[tree_path][0]:
+        placed[tree_path] = _stack(tuple(part[i] for i in range(len(part))), sharding)
+        del layers[tree_path]
+    if progress is not None and nbytes:
+      progress(nbytes)
+    del x
+  return unflatten(placed)
+
+
+def _put(x: np.ndarray, sharding) -> jax.Array:
+  """A host array placed into the shards of this process's devices (no device holds more than its shard)."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index], dtype=x.dtype)
+
+
+def _stack(slices: tuple, sharding) -> jax.Array:
+  return jax.jit(lambda xs: jnp.stack(xs), out_shardings=sharding)(slices)
 
 
 def _host(a, idx):

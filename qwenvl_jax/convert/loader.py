@@ -20,6 +20,7 @@ from qwenvl_jax.convert.tensor_io import CheckpointError, checkpoint_files
 from qwenvl_jax.models import registry
 from qwenvl_jax.models.registry import Family
 from qwenvl_jax.nn.layers import stack_layers, unstack_layers
+from qwenvl_jax.sharding import logical_to_sharding
 
 
 @dataclasses.dataclass
@@ -69,12 +70,27 @@ def _dtype_overrides(dtype: str | None) -> dict:
   return {} if dtype is None else {"param_dtype": dtype, "dtype": dtype}
 
 
-def load(path: str, dtype: str | None = "float32", progress=None, **overrides) -> Loaded:
+def param_shardings(cfg, mesh):
+  """The NamedSharding of every parameter of `cfg` on `mesh` (the one rules table; undividable dims replicated)."""
+  return logical_to_sharding(registry.family_of(cfg).abstract_params(cfg, boxed=True), mesh)
+
+
+def _placed(params, stored, cfg, mesh):
+  """Params read in the stored layer layout -> the layout and shardings `cfg` asks for."""
+  if stored.scan_layers == cfg.scan_layers:
+    return params
+  params = relayout(params, stored.scan_layers, cfg.scan_layers)
+  return params if mesh is None else jax.device_put(params, param_shardings(cfg, mesh))
+
+
+def load(path: str, dtype: str | None = "float32", progress=None, mesh=None, **overrides) -> Loaded:
   """Read the weights at `path` (HF folder | model checkpoint | train.py workdir).
 
   dtype: parameter and compute dtype ('float32' | 'bfloat16' | None = keep a checkpoint's own). overrides: config
   fields (e.g. scan_layers=False; any checkpoint converts to either layer layout). progress(n_bytes): HF import
-  progress callback.
+  progress callback. mesh: a (data, fsdp, tensor) `jax.sharding.Mesh`: every parameter goes straight into its
+  shards as it is read (HF tensor by tensor, Orbax with target shardings), so no host or device holds the whole
+  model; without one, HF weights come back as host numpy arrays and checkpoints on the first device.
   """
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint path {path} does not exist")
@@ -82,10 +98,11 @@ def load(path: str, dtype: str | None = "float32", progress=None, **overrides) -
     stored = checkpoint.load_config(path).replace(**_dtype_overrides(dtype))
     fam = registry.family_of(stored)
     cfg = stored.replace(**overrides)
-    params = relayout(checkpoint.load(path, fam.abstract_params(stored)), stored.scan_layers, cfg.scan_layers)
-    return Loaded(fam, cfg, params, checkpoint.assets_dir(path))
+    shardings = None if mesh is None else param_shardings(stored, mesh)
+    params = checkpoint.load(path, fam.abstract_params(stored), shardings)
+    return Loaded(fam, cfg, _placed(params, stored, cfg, mesh), checkpoint.assets_dir(path))
   if is_training_workdir(path):
-    return _load_training_workdir(path, dtype, **overrides)
+    return _load_training_workdir(path, dtype, mesh, **overrides)
   try:
     checkpoint_files(path)
   except CheckpointError:
@@ -95,11 +112,13 @@ def load(path: str, dtype: str | None = "float32", progress=None, **overrides) -
   d = read_hf_config(path)
   fam = registry.for_model_type(d.get("model_type"))
   cfg = fam.from_hf_dict(d, **_dtype_overrides(dtype or "float32"), **overrides)
-  params = import_hf_params(path, cfg, fam.abstract_params(cfg), dtype=cfg.param_dtype, progress=progress)
+  shardings = None if mesh is None else param_shardings(cfg, mesh)
+  params = import_hf_params(path, cfg, fam.abstract_params(cfg), dtype=cfg.param_dtype, progress=progress,
+                            shardings=shardings)
   return Loaded(fam, cfg, params, path)
 
 
-def _load_training_workdir(path: str, dtype: str | None, **overrides) -> Loaded:
+def _load_training_workdir(path: str, dtype: str | None, mesh=None, **overrides) -> Loaded:
   """The params of the latest checkpoint of a `train.py` workdir (one stage), with its model config."""
   import ml_collections
 
@@ -108,7 +127,11 @@ def _load_training_workdir(path: str, dtype: str | None, **overrides) -> Loaded:
   stored = model_config(train_cfg).replace(**_dtype_overrides(dtype))
   fam = registry.family_of(stored)
   cfg = stored.replace(**overrides)
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = fam.abstract_params(stored)
-  params, _ = checkpoint.load_training_params(path, abstract, jax.tree.map(lambda _: dev, abstract))
-  return Loaded(fam, cfg, relayout(params, stored.scan_layers, cfg.scan_layers), None)
+  if mesh is None:
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: dev, abstract)
+  else:
+    shardings = param_shardings(stored, mesh)
+  params, _ = checkpoint.load_training_params(path, abstract, shardings)
+  return Loaded(fam, cfg, _placed(params, stored, cfg, mesh), None)

@@ -2,6 +2,8 @@
 
     python -m qwenvl_jax.infer --checkpoint DIR --image a.png --prompt "Describe the image."
     python -m qwenvl_jax.infer --checkpoint DIR                 # interactive: type questions, /image PATH, /reset
+    python -m qwenvl_jax.infer --checkpoint DIR --mesh 1,1,8 ...  # weights sharded over 8 devices, tensor-parallel
+    python -m qwenvl_jax.infer --plan --model qwen_vl_7b --devices v5e-1 --dtype int8 --batch 1 --context 2048
 
 DIR is an HF folder (Qwen-VL: qwen.tiktoken; Qwen2-VL: tokenizer.json), this project's checkpoint, or a train.py
 workdir (one stage). Boxes in an answer are drawn on the image and saved as PNG (--boxes_out).
@@ -37,7 +39,7 @@ def _answer(model, tok, query, history, images, args):
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m qwenvl_jax.infer", description=__doc__.split("\n\n")[0])
-  p.add_argument("--checkpoint", required=True)
+  p.add_argument("--checkpoint", default=None, help="HF folder, this project's checkpoint or a train.py workdir")
   p.add_argument("--tokenizer", default=None, help="default: the one stored with the checkpoint")
   p.add_argument("--image", action="append", default=[], help="image path (repeatable)")
   p.add_argument("--prompt", default=None, help="one question; without it: interactive mode")
@@ -45,9 +47,25 @@ def main(argv=None) -> int:
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
   p.add_argument("--top_k", type=int, default=0)
   p.add_argument("--top_p", type=float, default=1.0)
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default float32); --plan also int8 (default "
+                 "bfloat16)")
   p.add_argument("--boxes_out", default=None, help="PNG path for drawn boxes (default: <image>_boxes.png)")
+  p.add_argument("--mesh", default=None, help="DATA,FSDP,TENSOR device mesh, e.g. 1,1,8: weights are loaded straight "
+                 "into their shards and decoding runs tensor-parallel (default: one device)")
+  g = p.add_argument_group("memory plan (--plan: per-device bytes, no model is loaded)")
+  g.add_argument("--plan", action="store_true")
+  g.add_argument("--model", default=None, help="a named config, e.g. qwen_vl_7b, qwen2_vl_7b")
+  g.add_argument("--devices", default=None, help="a TPU slice: v2-8, v3-8, v4-8, v5e-1, v5e-4, v5e-8, v5p-8, v6e-1 ...")
+  g.add_argument("--batch", type=int, default=1)
+  g.add_argument("--context", type=int, default=2048, help="prompt + new tokens held in the KV cache")
   args = p.parse_args(argv)
+  if args.plan:
+    return _plan(args)
+  if args.checkpoint is None:
+    p.error("--checkpoint is required (or --plan)")
+  if args.dtype not in (None, "float32", "bfloat16"):
+    p.error(f"--dtype {args.dtype}: float32 or bfloat16")
+  args.dtype = args.dtype or "float32"
   try:
     import qwenvl_jax as qv
     from qwenvl_jax.api import find_tokenizer
@@ -60,7 +78,11 @@ def main(argv=None) -> int:
     tok_path = args.tokenizer or find_tokenizer(args.checkpoint)
     if tok_path is None:
       raise FileNotFoundError(f"no tokenizer found with {args.checkpoint}; pass --tokenizer")
-    model = qv.load(args.checkpoint, dtype=args.dtype, scan_layers=False)  # unrolled layers decode faster
+    mesh = None
+    if args.mesh:
+      from qwenvl_jax.sharding import parse_mesh
+      mesh = parse_mesh(args.mesh)
+    model = qv.load(args.checkpoint, dtype=args.dtype, scan_layers=False, mesh=mesh)  # unrolled: faster decoding
     tok = qv.load_tokenizer(tok_path, image_span=model.processor().fixed_image_tokens)
     if args.prompt is not None:
       _answer(model, tok, args.prompt, None, args.image, args)
@@ -91,6 +113,24 @@ def main(argv=None) -> int:
       except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
   except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def _plan(args) -> int:
+  from qwenvl_jax.infer.plan import describe, plan
+  try:
+    if not args.model or not args.devices:
+      raise ValueError("--plan needs --model and --devices")
+    mesh = None
+    if args.mesh:
+      try:
+        mesh = tuple(int(v) for v in args.mesh.split(","))
+      except ValueError:
+        raise ValueError(f"mesh {args.mesh!r}: expected three sizes DATA,FSDP,TENSOR such as 1,1,8") from None
+    print(describe(plan(args.model, args.devices, args.dtype or "bfloat16", args.batch, args.context, mesh)))
+  except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

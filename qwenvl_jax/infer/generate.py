@@ -54,13 +54,29 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_k: 
   return jax.random.categorical(rng, logits, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "do_sample", "top_k"))
+def cache_sharding(model, batch: int):
+  """Sharding of the KV cache buffers [(L,) B, K, T, Dh] on the model's mesh: rows as the prompts (`batch_sharding`),
+  key/value heads over `tensor` when it divides them (else replicated: grouped-query models with fewer key/value
+  heads than the axis)."""
+  if model.mesh is None:
+    return None
+  from jax.sharding import NamedSharding, PartitionSpec
+  rows = tuple(model.batch_sharding(batch).spec)
+  heads = "tensor" if model.config.decoder.kv_heads % model.mesh.shape["tensor"] == 0 else None
+  spec = (rows[0] if rows else None, heads, None, None)
+  return NamedSharding(model.mesh, PartitionSpec(*((None,) + spec if model.config.decoder.scan else spec)))
+
+
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "do_sample", "top_k", "kv_sharding"))
 def _generate(params, ids, mask, prefill_kw, step_kw, rng, stop_ids, temperature, top_p, *, module, max_new_tokens,
-              do_sample, top_k):
+              do_sample, top_k, kv_sharding=None):
   spec = module.cfg.decoder
   b, p = ids.shape
   cache = KVCache.empty(spec.num_layers, b, p + max_new_tokens, spec.kv_heads, spec.head_dim, jnp.dtype(spec.dtype),
                         per_layer=not spec.scan)
+  if kv_sharding is not None:
+    cache = cache.replace(k=jax.lax.with_sharding_constraint(cache.k, kv_sharding),
+                          v=jax.lax.with_sharding_constraint(cache.v, kv_sharding))
   logits, cache = module.apply({"params": params}, ids, attention_mask=mask, cache=cache, **prefill_kw, **step_kw)
 
   def pick(lg, key):
@@ -122,8 +138,13 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 64, do
   padded, padded_mask = left_pad(ids, mask, _bucket(longest), pad_id)
   prefill_kw = model.check_inputs(padded, padded_mask, **vision)
   step_kw = model.family.inputs.decode_kwargs(c, longest)
-  new, n = _generate(model.params, jnp.asarray(padded), jnp.asarray(padded_mask), prefill_kw, step_kw,
-                     jax.random.PRNGKey(seed), jnp.asarray(stop), jnp.float32(temperature), jnp.float32(top_p),
-                     module=model.module, max_new_tokens=max_new_tokens, do_sample=do_sample, top_k=int(top_k))
+  padded, padded_mask = jnp.asarray(padded), jnp.asarray(padded_mask)
+  if model.mesh is not None:
+    padded, padded_mask = jax.device_put((padded, padded_mask), model.batch_sharding(padded.shape[0]))
+  with model.on_mesh():
+    new, n = _generate(model.params, padded, padded_mask, prefill_kw, step_kw, jax.random.PRNGKey(seed),
+                       jnp.asarray(stop), jnp.float32(temperature), jnp.float32(top_p), module=model.module,
+                       max_new_tokens=max_new_tokens, do_sample=do_sample, top_k=int(top_k),
+                       kv_sharding=cache_sharding(model, padded.shape[0]))
   new = np.asarray(new)[:, :int(n)]
   return np.concatenate([ids.astype(np.int64), new.astype(np.int64)], axis=1)
