@@ -9,7 +9,7 @@ import pytest
 
 import qwenvl_jax as qv
 from qwenvl_jax.data.conversation import make_context
-from qwenvl_jax.infer.chat import chat
+from qwenvl_jax.infer.chat import chat, chat_batch
 from qwenvl_jax.infer.grounding import draw_grounding, parse_grounding
 from qwenvl_jax.models.qwen_vl.config import QWEN_VL_DEMO
 
@@ -45,6 +45,19 @@ def test_chat_prompt_history_and_images(demo, monkeypatch):
   assert history[1][0] == "Picture 2: <img>image_1</img>\nAnd this one?"
   ids, n_images, _ = seen[1]
   assert n_images == 2 and ids == make_context(tok, history[1][0], history[:1])[1]
+
+
+def test_chat_batch_rows_answer_as_alone(demo):
+  """Rows of different lengths, with and without images, padded into one generate call: each answer is the one
+  chat() gives for that query alone (greedy)."""
+  model, tok, d = demo
+  img = str(d / "red.png")
+  queries = ["Hi", "Describe both."]
+  images = [None, [img, PIL.Image.new("RGB", (8, 8), (0, 90, 0))]]
+  got = chat_batch(model, tok, queries, images=images, max_new_tokens=6)
+  assert got == [chat(model, tok, q, images=i, max_new_tokens=6)[0] for q, i in zip(queries, images)]
+  with pytest.raises(ValueError, match="2 queries but 1 image lists"):
+    chat_batch(model, tok, queries, images=[[img]])
 
 
 def test_parse_and_draw_grounding(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from qwenvl_jax.data.hf_tokenizer import GROUNDING_TOKENS
 from qwenvl_jax.data.tokenizer import ENDOFTEXT, IM_END, IM_START, IMAGE_ST, Tokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -39,15 +40,25 @@ def image_prompt(refs, start: int = 0) -> str:
   return "".join(f"Picture {start + i + 1}: <img>{r}</img>\n" for i, r in enumerate(refs))
 
 
-_IMAGE_PREFIX = re.compile(r"((?:Picture \d+: <img>.*?</img>\n)*)(.*)", re.S)
-_IMAGE_REF = re.compile(r"<img>(.*?)</img>", re.S)
+def video_prompt(refs, start: int = 0) -> str:
+  """'Video 1: <video>ref</video>\\n' for each video reference, numbered after `start` videos (Qwen2-VL chat)."""
+  return "".join(f"Video {start + i + 1}: <video>{r}</video>\n" for i, r in enumerate(refs))
 
 
-def split_image_prefix(query: str) -> tuple[list[str], str]:
-  """'Picture 1: <img>a.png</img>\n...question' -> (['a.png'], 'question'): the image references that a chat turn
-  starts with (as `image_prompt` writes them) and the text after them. Image tags later in the text stay text."""
-  m = _IMAGE_PREFIX.fullmatch(query)
-  return _IMAGE_REF.findall(m.group(1)), m.group(2)
+# one line as image_prompt / video_prompt write it; a reference never holds its closing tag
+_MEDIA_LINE = re.compile(r"Picture \d+: <img>((?:(?!</img>).)*)</img>\n"
+                         r"|Video \d+: <video>((?:(?!</video>).)*)</video>\n", re.S)
+
+
+def split_media_prefix(query: str) -> tuple[list[tuple[str, str]], str]:
+  """'Picture 1: <img>a.png</img>\\nVideo 1: <video>v</video>\\nquestion' -> ([('image', 'a.png'), ('video', 'v')],
+  'question'): the images and videos a chat turn starts with (as `image_prompt` / `video_prompt` write them), in
+  order, and the text after them. Tags later in the text stay text."""
+  media, end = [], 0
+  while m := _MEDIA_LINE.match(query, end):
+    media.append(("image", m.group(1)) if m.group(1) is not None else ("video", m.group(2)))
+    end = m.end()
+  return media, query[end:]
 
 
 def normalize_roles(conversations, where: str = "sample") -> list[tuple[str, str]]:
@@ -136,34 +147,37 @@ def make_context(tok: Tokenizer, query: str, history=None, system: str = DEFAULT
   return raw, ids
 
 
-def chatml_ids(tok, turns, system: str = DEFAULT_SYSTEM) -> list[int]:
+def chatml_ids(tok, turns, system: str = DEFAULT_SYSTEM, answer_special=GROUNDING_TOKENS) -> list[int]:
   """ChatML prompt ids for the families whose images are placeholder blocks (Qwen2-VL):
 
-      <|im_start|>system\n{system}<|im_end|>\n
-      <|im_start|>user\n{vision block}...{text}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n   (history)
-      <|im_start|>user\n{vision block}...{text}<|im_end|>\n<|im_start|>assistant\n                     (the ask)
+      <|im_start|>system\\n{system}<|im_end|>\\n
+      <|im_start|>user\\n{vision block}...{text}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>\\n   (history)
+      <|im_start|>user\\n{vision block}...{text}<|im_end|>\\n<|im_start|>assistant\\n                     (the ask)
 
   turns: [(parts, answer)], parts a list of text (encoded as text: special-looking characters stay characters) and
-  id lists (vision blocks, inserted as given); answer None for the turn being asked (the last). Text between two
-  special tokens is encoded as one piece, as the Hugging Face chat template's string is.
+  id lists (vision blocks, inserted as given); answer None for the turn being asked (the last). In answers (what
+  the model wrote) the grounding tags `answer_special` are their special ids again, as the model produced them;
+  nothing else is. Text between two special tokens is encoded as one piece, as the chat template's string is.
   """
-  pieces: list = [[tok.im_start_id], "system\n" + system, [tok.im_end_id], "\n"]
+  trusted = {t for t in answer_special if t in tok.special_ids}
+  pieces: list = [[tok.im_start_id], ("system\n" + system, False), [tok.im_end_id], ("\n", False)]
   for parts, answer in turns:
-    pieces += [[tok.im_start_id], "user\n", *parts, [tok.im_end_id], "\n", [tok.im_start_id], "assistant\n"]
+    pieces += [[tok.im_start_id], ("user\n", False), *((p, False) if isinstance(p, str) else list(p) for p in parts),
+               [tok.im_end_id], ("\n", False), [tok.im_start_id], ("assistant\n", False)]
     if answer is not None:
-      pieces += [answer, [tok.im_end_id], "\n"]
+      pieces += [(answer, True), [tok.im_end_id], ("\n", False)]
   ids: list[int] = []
-  text = ""
+  text, grounded = "", False
   for p in pieces + [[]]:
-    if isinstance(p, str):
-      text += p
+    if isinstance(p, tuple):  # text; an answer only ever joins the formatter's own "assistant\n" before it
+      text, grounded = text + p[0], grounded or p[1]
       continue
     if text:
-      ids += tok.encode(text)
-      text = ""
+      ids += tok.encode(text, allowed_special=trusted if grounded else set())
+      text, grounded = "", False
     ids += [int(i) for i in p]
   return ids
 
 
 __all__ = ["DEFAULT_SYSTEM", "ENDOFTEXT", "FormatError", "Tokenized", "chatml_ids", "format_chat", "format_pretrain",
-           "format_text", "image_prompt", "make_context", "normalize_roles", "split_image_prefix"]
+           "format_text", "image_prompt", "make_context", "normalize_roles", "split_media_prefix", "video_prompt"]

@@ -17,6 +17,7 @@ import numpy as np
 from qwenvl_jax.data.boxes import parse_boxes
 from qwenvl_jax.data.conversation import DEFAULT_SYSTEM, make_context, normalize_roles
 from qwenvl_jax.evals import metrics as M
+from qwenvl_jax.infer.chat import decode_answer
 
 _IMG = re.compile(r"<img>(.*?)</img>", re.S)
 CAPTION_TASKS = ("caption", "grounded_caption")
@@ -61,12 +62,7 @@ def generate_batch(model, tokenizer, records, max_new_tokens: int) -> list[str]:
   stops = [tokenizer.im_end_id, tokenizer.eod_id]
   out = model.generate(ids, pixel_values=np.stack(pixels) if pixels else None, attention_mask=mask,
                        max_new_tokens=max_new_tokens, stop_ids=stops)
-  answers = []
-  for row in out[:, s:]:
-    new = [int(t) for t in row]
-    cut = next((k for k, t in enumerate(new) if t in stops), len(new))
-    answers.append(tokenizer.decode(new[:cut]).strip())
-  return answers
+  return [decode_answer(tokenizer, row, stops).strip() for row in out[:, s:]]
 
 
 def score(predictions: list[dict]) -> dict:

@@ -3,10 +3,11 @@ history, greedy or sampled generation until <|im_end|> / <|endoftext|>.
 
   * Qwen-VL: the official prompt, images as `Picture N: <img>ref</img>\\n` before the question.
   * Qwen2-VL: the chat template's layout, each image as `<|vision_start|>`, one `<|image_pad|>` per visual token of
-    its grid (from the model's processor), `<|vision_end|>`, before the question; ids from config.json.
+    its grid (from the model's processor), `<|vision_end|>`, before the question (videos likewise, with
+    `<|video_pad|>`); ids from config.json. User text is encoded as text (special-looking characters included).
 
-In the returned history a turn's images are written `Picture N: <img>ref</img>\\n` before its question (for both
-families), so a later turn can feed them again.
+In the returned history a turn's images are written `Picture N: <img>ref</img>\\n` before its question, for both
+families (Qwen2-VL videos `Video N: <video>ref</video>\\n`), so a later turn can feed them again.
 
     response, history = chat(model, tokenizer, "What is in the picture?", images=["cat.png"])
     response, history = chat(model, tokenizer, "Where is the cat?", history=history)
@@ -18,9 +19,13 @@ import re
 
 import numpy as np
 
-from qwenvl_jax.data.conversation import DEFAULT_SYSTEM, chatml_ids, image_prompt, make_context, split_image_prefix
+from qwenvl_jax.data.conversation import (DEFAULT_SYSTEM, chatml_ids, image_prompt, make_context, split_media_prefix,
+                                          video_prompt)
+from qwenvl_jax.data.hf_tokenizer import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
 _IMG = re.compile(r"<img>(.*?)</img>", re.S)
+_VID = re.compile(r"<video>(.*?)</video>", re.S)
+_FRAME_SEP = "|"  # between the frame paths of a video reference
 
 
 def _refs(images, offset: int) -> tuple[list[str], dict]:
@@ -46,42 +51,125 @@ def _span_prompt(model, tokenizer, query, history, system, known) -> tuple[list[
   return ids, {"pixel_values": pixels}
 
 
+def _check_vision_ids(cfg, tokenizer) -> None:
+  """The placeholder ids come from config.json; a tokenizer that disagrees belongs to another model."""
+  want = {VISION_START: cfg.vision_start_token_id, VISION_END: cfg.vision_end_token_id,
+          IMAGE_PAD: cfg.image_token_id, VIDEO_PAD: cfg.video_token_id}
+  have = getattr(tokenizer, "special_ids", {})
+  for token, i in want.items():
+    if have.get(token, i) != i:
+      raise ValueError(f"tokenizer {getattr(tokenizer, 'path', '')} has {token} = {have[token]} but the model's "
+                       f"config.json says {i}: not this model's tokenizer")
+
+
 def _placeholder_prompt(model, tokenizer, query, history, system, known) -> tuple[list[int], dict]:
-  """Qwen2-VL: ChatML with a placeholder block per image; patches and grids of every image, in order."""
-  proc, turns, patches, grids = model.processor(), [], [], []
+  """Qwen2-VL: ChatML with a placeholder block per image / video; patches and grids of every image and of every
+  video of the conversation, each kind in prompt order."""
+  cfg, proc = model.config, model.processor()
+  _check_vision_ids(cfg, tokenizer)
+  turns, seen = [], {"image": [], "video": []}
   for q, answer in list(history) + [(query, None)]:
-    refs, text = split_image_prefix(q)
+    media, text = split_media_prefix(q)
     parts: list = []
-    for r in refs:
-      p, grid = proc.preprocess_image(known.get(r, r), name=r)
-      patches.append(p)
-      grids.append(grid)
-      parts.append(model.family.inputs.vision_block(model.config, proc.tokens(grid)))
+    for kind, ref in media:
+      if kind == "image":
+        patches, grid = proc.preprocess_image(known.get(ref, ref), name=ref)
+      else:
+        patches, grid = proc.preprocess_video(known[ref] if ref in known else ref.split(_FRAME_SEP), name=ref)
+      seen[kind].append((patches, grid))
+      parts.append(model.family.inputs.vision_block(cfg, proc.tokens(grid), video=kind == "video"))
     turns.append((parts + [text], answer))
-  vision = {"pixel_values": np.concatenate(patches), "image_grid_thw": np.stack(grids)} if patches else {}
+  vision = {}
+  for kind, pixels, grids in (("image", "pixel_values", "image_grid_thw"),
+                              ("video", "pixel_values_videos", "video_grid_thw")):
+    if seen[kind]:
+      vision[pixels] = np.concatenate([p for p, _ in seen[kind]])
+      vision[grids] = np.stack([g for _, g in seen[kind]])
   return chatml_ids(tokenizer, turns, system), vision
 
 
+def _video_refs(videos, offset: int) -> tuple[list[str], dict]:
+  """Video arguments (frame lists) -> references: frame paths joined by '|'; in-memory frames get a name."""
+  refs, objects = [], {}
+  for k, frames in enumerate(videos or []):
+    frames = list(frames)
+    if frames and all(isinstance(f, str) for f in frames):
+      bad = [f for f in frames if _FRAME_SEP in f or "</video>" in f]
+      if bad:
+        raise ValueError(f"video frame path {bad[0]!r} holds '{_FRAME_SEP}' or '</video>'; pass the frame as an image")
+      refs.append(_FRAME_SEP.join(frames))
+    else:
+      name = f"video_{offset + k}"
+      refs.append(name)
+      objects[name] = frames
+  return refs, objects
+
+
+_BUILDERS = {"qwen_vl": _span_prompt, "qwen2_vl": _placeholder_prompt}
+
+
 def chat(model, tokenizer, query: str, history=None, images=None, system: str = DEFAULT_SYSTEM,
-         max_new_tokens: int = 512, image_objects: dict | None = None, **generate_kw) -> tuple[str, list]:
+         max_new_tokens: int = 512, image_objects: dict | None = None, videos=None,
+         **generate_kw) -> tuple[str, list]:
   """-> (response, history + [(query_with_images, response)]). `images` (paths or PIL images) are shown before
-  the query; images already in the history are fed again, in order, as the official chat does."""
+  the query; images already in the history are fed again, in order, as the official chat does. `videos`
+  (Qwen2-VL): a list of videos, each a list of frames (paths or PIL images; sample them first), shown after the
+  images as `Video N: <video>ref</video>\\n`. In-memory images and videos are named `image_K` / `video_K` in the
+  history; a later turn feeds them again when `image_objects` maps those names to them."""
+  family = model.family.name
+  if family not in _BUILDERS:
+    raise ValueError(f"chat does not support the {family} family")
+  if videos and family == "qwen_vl":
+    raise ValueError("Qwen-VL takes no video input")
   history = list(history or [])
   known = dict(image_objects or {})
   n_before = sum(len(_IMG.findall(q)) for q, _ in history)
   refs, objects = _refs(images, n_before)
   known.update(objects)
-  if refs:
-    query = image_prompt(refs, n_before) + query
-  build = _span_prompt if model.family.name == "qwen_vl" else _placeholder_prompt
-  ids, vision = build(model, tokenizer, query, history, system, known)
+  n_videos = sum(len(_VID.findall(q)) for q, _ in history)
+  video_refs, objects = _video_refs(videos, n_videos)
+  known.update(objects)
+  if refs or video_refs:
+    query = image_prompt(refs, n_before) + video_prompt(video_refs, n_videos) + query
+  ids, vision = _BUILDERS[family](model, tokenizer, query, history, system, known)
   stops = [tokenizer.im_end_id, tokenizer.eod_id]
   out = model.generate(np.asarray([ids]), max_new_tokens=max_new_tokens, stop_ids=stops, **vision, **generate_kw)
-  new = [int(t) for t in out[0, len(ids):]]
-  for k, t in enumerate(new):
-    if t in stops:
-      new = new[:k]
-      break
-  response = tokenizer.decode(new)
+  response = decode_answer(tokenizer, out[0, len(ids):], stops)
   history.append((query, response))
   return response, history
+
+
+def decode_answer(tokenizer, new_ids, stops) -> str:
+  """Generated ids -> text, up to the first stop id."""
+  new = [int(t) for t in new_ids]
+  cut = next((k for k, t in enumerate(new) if t in stops), len(new))
+  return tokenizer.decode(new[:cut])
+
+
+def chat_batch(model, tokenizer, queries, images=None, system: str = DEFAULT_SYSTEM, max_new_tokens: int = 512,
+               **generate_kw) -> list[str]:
+  """First-turn answers to several queries in one batched `generate` call (rows padded, each row's own images).
+  images: None or one list of images (paths or PIL images) per query."""
+  family = model.family.name
+  if family not in _BUILDERS:
+    raise ValueError(f"chat does not support the {family} family")
+  images = list(images) if images is not None else [None] * len(queries)
+  if len(images) != len(queries):
+    raise ValueError(f"{len(queries)} queries but {len(images)} image lists")
+  rows, vision = [], {}
+  for query, imgs in zip(queries, images):
+    refs, known = _refs(imgs, 0)
+    ids, row_vision = _BUILDERS[family](model, tokenizer, image_prompt(refs) + query, [], system, known)
+    rows.append(ids)
+    for k, v in row_vision.items():
+      if v is not None:
+        vision.setdefault(k, []).append(v)
+  vision = {k: np.concatenate(v) for k, v in vision.items()}
+  s = max(len(r) for r in rows)
+  ids = np.zeros((len(rows), s), np.int64)
+  mask = np.zeros((len(rows), s), np.int32)
+  for i, r in enumerate(rows):
+    ids[i, :len(r)], mask[i, :len(r)] = r, 1
+  stops = [tokenizer.im_end_id, tokenizer.eod_id]
+  out = model.generate(ids, mask, max_new_tokens=max_new_tokens, stop_ids=stops, **vision, **generate_kw)
+  return [decode_answer(tokenizer, row, stops) for row in out[:, s:]]

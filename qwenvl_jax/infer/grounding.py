@@ -1,4 +1,6 @@
-"""Grounding in model outputs: `<ref>phrase</ref><box>(x1,y1),(x2,y2)</box>` -> pixel boxes, drawn on the image."""
+"""Grounding in model outputs -> pixel boxes, drawn on the image. Both families' forms parse, coordinates in
+[0, 1000): Qwen-VL `<ref>phrase</ref><box>(x1,y1),(x2,y2)</box>`, Qwen2-VL
+`<|object_ref_start|>phrase<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>` (`data/boxes.py`)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f0
 
 
 def parse_grounding(text: str, width: int, height: int) -> list[tuple[str, tuple[float, float, float, float]]]:
-  """All boxes of a response as (phrase, pixel box on a width x height image); boxes without a <ref> get ''."""
+  """All boxes of a response as (phrase, pixel box on a width x height image); boxes without a phrase get ''."""
   found = []  # (position in the text, phrase, normalised box)
   spans = []
   for m in REF_BOX_RE.finditer(text):
