@@ -21,6 +21,7 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 48, "answer length limit")
 _OUT = flags.DEFINE_string("out", None, "output folder (default: CHECKPOINT/eval_<split>)")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "default: the tokenizer stored with the checkpoint")
 _MESH = flags.DEFINE_string("mesh", None, "DATA,FSDP,TENSOR device mesh (e.g. 1,1,8); default: one device")
+_QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8"], "weight-only int8 linear layers")
 
 
 def run(c, checkpoint: str, split: str, out: str) -> dict:
@@ -34,7 +35,7 @@ def run(c, checkpoint: str, split: str, out: str) -> dict:
   if _MESH.value:
     from qwenvl_jax.sharding import parse_mesh
     mesh = parse_mesh(_MESH.value)
-  model = qv.load(checkpoint, scan_layers=False, mesh=mesh)  # unrolled layers decode faster
+  model = qv.load(checkpoint, scan_layers=False, mesh=mesh, quantize=_QUANTIZE.value)  # unrolled: faster decoding
   tok_path = _TOKENIZER.value or find_tokenizer(checkpoint) or (c.data.tokenizer if c.data.tokenizer != "shapes" else None)
   if tok_path is None:
     raise FileNotFoundError(f"no tokenizer found with {checkpoint}; pass --tokenizer")

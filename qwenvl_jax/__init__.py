@@ -8,6 +8,7 @@ from qwenvl_jax.api import (
   find_image_spans,
   get_config,
   load,
+  load_config,
   load_processor,
 )
 from qwenvl_jax.convert.tensor_io import CheckpointError
@@ -16,6 +17,6 @@ from qwenvl_jax.data.tokenizer import load_tokenizer
 from qwenvl_jax.models.qwen_vl.config import QwenVLConfig, VisionConfig
 
 __all__ = ["VLModel", "QwenVLModel", "QwenVLConfig", "VisionConfig", "CheckpointError", "ImageError", "count_params",
-           "export_hf", "find_image_spans", "get_config", "load", "load_processor", "load_tokenizer",
+           "export_hf", "find_image_spans", "get_config", "load", "load_config", "load_processor", "load_tokenizer",
            "preprocess_image"]
 __version__ = "0.1.0"

@@ -24,6 +24,7 @@ import numpy as np
 
 from qwenvl_jax.convert import checkpoint, loader
 from qwenvl_jax.convert.hf import export_hf_folder
+from qwenvl_jax.models import quantize as quantization
 from qwenvl_jax.models import registry
 from qwenvl_jax.models.qwen_vl.config import QwenVLConfig
 from qwenvl_jax.models.qwen_vl.inputs import find_image_spans  # noqa: F401 - public (qv.find_image_spans)
@@ -37,18 +38,46 @@ class VLModel:
   heads where the tensor axis divides them, prompts over data x fsdp where that divides the batch).
   """
 
-  def __init__(self, config, params, assets_dir: str | None = None, mesh=None):
+  def __init__(self, config, params, assets_dir: str | None = None, mesh=None, quantized: str | None = None):
     self.config = config
     self.params = params
     self.family = registry.family_of(config)
-    self.module = self.family.module(config)
+    self.quantized = quantized
+    self.module = quantization.quantized_module(config, quantized) if quantized else self.family.module(config)
     self.assets_dir = assets_dir
     self.mesh = mesh
 
   def to_mesh(self, mesh) -> "VLModel":
     """This model with its parameters placed into their shards on `mesh`."""
-    params = jax.device_put(self.params, loader.param_shardings(self.config, mesh))
-    return VLModel(self.config, params, self.assets_dir, mesh)
+    if self.quantized:
+      shardings = quantization.Quantizer(self.config, self.quantized, mesh).shardings
+    else:
+      shardings = loader.param_shardings(self.config, mesh)
+    return VLModel(self.config, jax.device_put(self.params, shardings), self.assets_dir, mesh, self.quantized)
+
+  def quantize(self, mode: str = "int8", mesh=None) -> "VLModel":
+    """This model with weight-only quantized linear layers (`models/quantize.py`; layers unrolled first), placed
+    on `mesh` (default: this model's) or the first device. The float parameters are left as they are."""
+    if self.quantized:
+      raise ValueError(f"this model is already quantized ({self.quantized})")
+    quantization.check_mode(mode)
+    cfg = self.config.replace(scan_layers=False)
+    mesh = self.mesh if mesh is None else mesh
+    params = quantization.Quantizer(cfg, mode, mesh).quantize_tree(
+        loader.relayout(self.params, self.config.scan_layers, False))
+    return VLModel(cfg, params, self.assets_dir, mesh, mode)
+
+  def tokenizer(self, path: str | None = None):
+    """The tokenizer stored with this model (its HF folder or checkpoint assets), or the one at `path`."""
+    from qwenvl_jax.data.tokenizer import load_tokenizer
+    path = path or (find_tokenizer(self.assets_dir) if self.assets_dir else None)
+    if path is None:
+      raise FileNotFoundError("no tokenizer is stored with this model; pass its path")
+    return load_tokenizer(path, image_span=self.processor().fixed_image_tokens)
+
+  def param_bytes(self) -> int:
+    """Bytes of the parameters as stored (int8 values and scales of a quantized model)."""
+    return quantization.param_bytes(self.params)
 
   def on_mesh(self):
     """Context for running this model's programs: its mesh and the logical-axis rules (no-op without a mesh)."""
@@ -157,6 +186,7 @@ class VLModel:
 
   def save(self, path: str, overwrite: bool = False) -> None:
     """Write this project's checkpoint (Orbax params + config + assets)."""
+    _refuse_quantized(self, "saved")
     checkpoint.save(path, self.params, self.config, assets_from=self.assets_dir, overwrite=overwrite)
 
 
@@ -164,37 +194,60 @@ class VLModel:
 QwenVLModel = VLModel
 
 
-def load(path: str, dtype: str | None = "float32", progress: bool = False, mesh=None, **overrides) -> VLModel:
+def _refuse_quantized(model, what: str) -> None:
+  if model.quantized:
+    raise ValueError(f"a {model.quantized} model cannot be {what}: its weights are rounded; use the float model "
+                     f"(quantize again after loading)")
+
+
+def load(path: str, dtype: str | None = "float32", progress: bool = False, mesh=None, quantize: str | None = None,
+         **overrides) -> VLModel:
   """Load an HF folder (safetensors or pytorch_model*.bin; config.json `model_type` picks the family), this
   project's checkpoint, or a train.py workdir.
 
   dtype: parameter and compute dtype ('float32' | 'bfloat16' | None = keep the checkpoint's for ours).
   mesh: a (data, fsdp, tensor) mesh (`qwenvl_jax.sharding.make_mesh`): every parameter is placed straight into its
   shards as it is read (no host or device ever holds the whole model) and the model runs on that mesh.
+  quantize: 'int8': weight-only int8 linear layers (Qwix; per-output-channel scales), quantized on the host as each
+  tensor is read and placed as int8 (with `mesh` too); layers are unrolled. For inference (not saved or exported).
+  Before any weight is read, a model whose parameters exceed a device's memory (as TPU/GPU runtimes report it)
+  is refused with a one-line error.
   overrides: config fields (e.g. scan_layers=False: unrolled layers, whose per-layer KV-cache buffers make decoding
   faster; any checkpoint converts to either layout on load).
   """
   bar = _progress_bar(path) if progress else None
-  got = loader.load(path, dtype=dtype, progress=bar.update if bar else None, mesh=mesh, **overrides)
+  from qwenvl_jax.infer.plan import check_fits
+  got = loader.load(path, dtype=dtype, progress=bar.update if bar else None, mesh=mesh, quantize=quantize,
+                    before_read=lambda cfg: check_fits(cfg, mesh, quantize, path), **overrides)
   if bar:
     bar.close()
   params = got.params if mesh is not None else jax.tree.map(jnp.asarray, got.params)
-  return VLModel(got.config, params, assets_dir=got.assets_dir, mesh=mesh)
+  return VLModel(got.config, params, assets_dir=got.assets_dir, mesh=mesh, quantized=got.quantize)
+
+
+def _config_and_assets(path: str):
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint path {path} does not exist")
+  if checkpoint.is_checkpoint(path):
+    return checkpoint.load_config(path), checkpoint.assets_dir(path)
+  if loader.is_training_workdir(path):
+    import json
+
+    import ml_collections
+    with open(os.path.join(path, "config.json")) as f:
+      return loader.model_config(ml_collections.ConfigDict(json.load(f))), None
+  return loader.load_hf_config(path), path
+
+
+def load_config(path: str):
+  """The model config of a checkpoint (HF folder, model checkpoint or workdir), without reading any weight."""
+  return _config_and_assets(path)[0]
 
 
 def load_processor(path: str, **overrides):
   """The processor of a checkpoint (HF folder, model checkpoint or workdir). Qwen2-VL reads
   preprocessor_config.json; overrides e.g. min_pixels / max_pixels (Qwen2-VL) or image_size (Qwen-VL)."""
-  if checkpoint.is_checkpoint(path):
-    cfg, folder = checkpoint.load_config(path), checkpoint.assets_dir(path)
-  elif loader.is_training_workdir(path):
-    import json
-
-    import ml_collections
-    with open(os.path.join(path, "config.json")) as f:
-      cfg, folder = loader.model_config(ml_collections.ConfigDict(json.load(f))), None
-  else:
-    cfg, folder = loader.load_hf_config(path), path
+  cfg, folder = _config_and_assets(path)
   fam = registry.family_of(cfg)
   return fam.processor_from_pretrained(folder, cfg, **overrides) if folder else fam.processor(cfg, **overrides)
 
@@ -214,6 +267,7 @@ def export_hf(model: VLModel, out_dir: str, dtype: str = "bfloat16", max_shard_s
               progress: bool = False) -> list[str]:
   """Write `model` as an HF folder in its family's official layout (sharded safetensors + index + config.json; plus
   the tokenizer / processor / remote-code files when the model was loaded from a folder that had them)."""
+  _refuse_quantized(model, "exported")
   bar = _progress_bar(out_dir, desc="export") if progress else None
   files = export_hf_folder(model.params, model.config, out_dir, dtype=dtype, max_shard_size=max_shard_size,
                            assets_dir=model.assets_dir, progress=bar.update if bar else None)

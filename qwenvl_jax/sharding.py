@@ -95,3 +95,8 @@ def divisible(sharding: NamedSharding, shape) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def put_sharded(x: np.ndarray, sharding) -> jax.Array:
+  """A host array placed into the shards of this process's devices (no device holds more than its shard)."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index], dtype=x.dtype)

@@ -1,6 +1,8 @@
 """Run as a script with 8 fake CPU devices: each fixture model loaded straight onto a mesh (tensor=8, then data=2 x
 tensor=4) and decoded greedily; prints one JSON line per (fixture, mesh): whether the tokens equal the one-device
-run, the fraction of the parameter bytes one device holds, and the KV cache's sharding."""
+run, the fraction of the parameter bytes one device holds, and the KV cache's sharding; then the same for this
+project's checkpoint restored onto the mesh, and for int8 weights (quantized from the HF folder and from the
+checkpoint, on the mesh) against one device's int8 run."""
 
 import os
 
@@ -45,6 +47,17 @@ def main(folder, case, new):
         c["input_ids"], mask, **kw))).max()
     print(json.dumps({"family": model.family.name, "checkpoint_on_mesh_maxdiff": float(diff),
                       "q_spec": str(q.sharding.spec)}), flush=True)
+    # int8: quantized as read (HF folder and Orbax checkpoint) straight into the shards, against one device's int8
+    single8 = qv.load(folder, quantize="int8")
+    want8 = single8.generate(c["input_ids"], mask, max_new_tokens=new, **kw)
+    for source in (folder, os.path.join(tmp, "ckpt")):
+      model8 = qv.load(source, mesh=mesh, quantize="int8")
+      got8 = model8.generate(c["input_ids"], mask, max_new_tokens=new, **kw)
+      q8 = model8.params["decoder"]["layers_0"]["attn"]["q"]["kernel"].array
+      print(json.dumps({"family": model.family.name, "int8_source": "hf" if source == folder else "checkpoint",
+                        "equal": bool(np.array_equal(got8, want8)), "dtype": str(q8.qvalue.dtype),
+                        "qvalue_spec": str(q8.qvalue.sharding.spec), "scale_spec": str(q8.scale.sharding.spec)}),
+            flush=True)
 
 
 if __name__ == "__main__":

@@ -49,3 +49,36 @@ def test_plan_cli():
   bad = subprocess.run(base + ["--devices", "v9"], capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown devices") and len(
       bad.stderr.strip().splitlines()) == 1
+
+
+def test_load_refuses_a_model_that_does_not_fit_before_reading_it(fixture_dir, monkeypatch):
+  """Where the runtime reports device memory (TPU/GPU), qv.load checks the plan first; here a device is said to
+  hold 2 MiB: the float32 fixture model (6.7 MB) does not fit one device, its int8 form (2.4 MB) neither, 8-way
+  tensor parallelism is not asked for. With 8 MiB both load."""
+  import qwenvl_jax.infer.plan as plan_module
+  from qwenvl_jax.convert import hf
+  read = []
+  monkeypatch.setattr(hf, "iter_checkpoint", lambda *a, **k: read.append(1) or iter(()))
+  monkeypatch.setattr(plan_module, "device_memory", lambda devices: 2 << 20)
+  for quantize, need in ((None, "float32 parameters need 0.01 GiB"), ("int8", "int8 parameters need 0.00 GiB")):
+    with pytest.raises(ValueError, match=f"{fixture_dir}: the {need} per device on mesh 1x1x1 but a device has "
+                                         "0.00 GiB; use more devices"):
+      qv.load(fixture_dir, quantize=quantize)
+  assert not read  # refused before any weight was read
+  monkeypatch.undo()
+  monkeypatch.setattr(plan_module, "device_memory", lambda devices: 8 << 20)
+  assert qv.load(fixture_dir).param_bytes() > 6 << 20
+
+
+def test_slice_name_and_choice():
+  import types
+
+  from qwenvl_jax.infer.plan import choose, slice_name
+
+  def devs(kind, n, platform="tpu"):
+    return [types.SimpleNamespace(platform=platform, device_kind=kind)] * n
+  assert slice_name(devs("TPU v5 lite", 1)) == "v5e-1" and slice_name(devs("TPU v5 lite", 8)) == "v5e-8"
+  assert slice_name(devs("TPU v2", 8)) == "v2-8" and slice_name(devs("TPU v4", 4)) == "v4-8"
+  assert slice_name(devs("TPU v5 lite", 3)) is None and slice_name(devs("cpu", 1, "cpu")) is None
+  # Qwen-VL-Chat: bfloat16 does not fit one v5e chip, int8 does; on a v5e-8 bfloat16 does
+  assert choose("qwen_vl_7b", "v5e-1")["dtype"] == "int8" and choose("qwen_vl_7b", "v5e-8")["dtype"] == "bfloat16"

@@ -64,6 +64,11 @@ def test_loaded_onto_a_mesh_greedy_tokens_equal_one_device(fixture_dir, q2_dir):
   lines = [json.loads(line) for line in out.stdout.strip().splitlines() if line.startswith("{")]
   rows = {(r["family"], tuple(r["mesh"])): r for r in lines if "mesh" in r}
   restored = {r["family"]: r for r in lines if "checkpoint_on_mesh_maxdiff" in r}
+  int8 = {(r["family"], r["int8_source"]): r for r in lines if "int8_source" in r}
+  assert set(int8) == {(f, s) for f in ("qwen_vl", "qwen2_vl") for s in ("hf", "checkpoint")}
+  for r in int8.values():  # int8 values split like the float kernel (4 heads over tensor=4), scales alike
+    assert r["equal"] and r["dtype"] == "int8"
+    assert r["qvalue_spec"] == "P('fsdp', 'tensor', None)" and r["scale_spec"] == "P(None, 'tensor', None)", r
   assert set(restored) == {"qwen_vl", "qwen2_vl"}
   for r in restored.values():  # the Orbax checkpoint restored into its shards (4 heads over tensor=4)
     assert r["checkpoint_on_mesh_maxdiff"] <= 1e-4 and r["q_spec"] == "P('fsdp', 'tensor', None)"

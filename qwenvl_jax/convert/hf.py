@@ -31,6 +31,7 @@ from qwenvl_jax.convert.tensor_io import (
 )
 from qwenvl_jax.models import registry
 from qwenvl_jax.models.rules import Slot, param_location
+from qwenvl_jax.sharding import put_sharded
 
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
@@ -104,19 +105,21 @@ def _converted(folder: str, cfg, shapes: dict):
 
 
 def import_hf_params(folder: str, cfg, abstract: dict, dtype: str = "float32",
-                     progress: Callable[[int], None] | None = None, shardings=None) -> dict:
+                     progress: Callable[[int], None] | None = None, shardings=None,
+                     place: Callable[[tuple, np.ndarray], object] | None = None) -> dict:
   """Read an HF checkpoint folder into a nested dict of arrays shaped like `abstract`.
 
   abstract: tree of ShapeDtypeStruct (the family's `abstract_params(cfg)`); dtype: target dtype; progress(n_bytes)
   is called after each tensor. Without `shardings`: host numpy arrays (peak memory: the converted model plus one
   tensor). With `shardings` (a matching tree of NamedSharding): every tensor goes into its device shards as soon as
   it is read, so no host holds more than one tensor; stacked layers are placed slice by slice and stacked on the
-  devices once complete. Each process places only its own devices' shards.
+  devices once complete. Each process places only its own devices' shards. With `place(tree path, host array) ->
+  leaf` (unrolled layers only, e.g. quantize and place): each parameter's leaf is what `place` makes of it.
   """
   shapes = {p: tuple(x.shape) for p, x in flatten(abstract).items()}
   np_dtype = NP_DTYPES[dtype]
   pieces = _converted(folder, cfg, shapes)
-  if shardings is None:
+  if shardings is None and place is None:
     buffers: dict[tuple, np.ndarray] = {}
     for tree_path, idx, x, nbytes in pieces:
       buf = buffers.get(tree_path)
@@ -126,17 +129,19 @@ def import_hf_params(folder: str, cfg, abstract: dict, dtype: str = "float32",
       if progress is not None and nbytes:
         progress(nbytes)
     return unflatten(buffers)
-  flat_sh = flatten(shardings)
-  placed: dict[tuple, jax.Array] = {}
+  flat_sh = flatten(shardings) if shardings is not None else {}
+  placed: dict[tuple, object] = {}
   layers: dict[tuple, dict[int, jax.Array]] = {}
   for tree_path, idx, x, nbytes in pieces:
     x = np.asarray(x).astype(np_dtype)
-    sharding = flat_sh[tree_path]
     if idx is None:
-      placed[tree_path] = _put(x, sharding)
+      placed[tree_path] = place(tree_path, x) if place is not None else put_sharded(x, flat_sh[tree_path])
+    elif place is not None:
+      raise ValueError("per-parameter placement needs unrolled layers (scan_layers=False)")
     else:  # one layer of a stacked parameter: its slice's sharding is the parameter's without the layer axis
+      sharding = flat_sh[tree_path]
       part = layers.setdefault(tree_path, {})
-      part[idx] = _put(x, NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:])))
+      part[idx] = put_sharded(x, NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:])))
       if len(part) == shapes[tree_path][0]:
         placed[tree_path] = _stack(tuple(part[i] for i in range(len(part))), sharding)
         del layers[tree_path]
@@ -144,11 +149,6 @@ def import_hf_params(folder: str, cfg, abstract: dict, dtype: str = "float32",
       progress(nbytes)
     del x
   return unflatten(placed)
-
-
-def _put(x: np.ndarray, sharding) -> jax.Array:
-  """A host array placed into the shards of this process's devices (no device holds more than its shard)."""
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index], dtype=x.dtype)
 
 
 def _stack(slices: tuple, sharding) -> jax.Array:

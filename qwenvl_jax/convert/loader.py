@@ -17,6 +17,7 @@ import jax
 from qwenvl_jax.convert import checkpoint
 from qwenvl_jax.convert.hf import import_hf_params
 from qwenvl_jax.convert.tensor_io import CheckpointError, checkpoint_files
+from qwenvl_jax.models import quantize as quantization
 from qwenvl_jax.models import registry
 from qwenvl_jax.models.registry import Family
 from qwenvl_jax.nn.layers import stack_layers, unstack_layers
@@ -29,6 +30,7 @@ class Loaded:
   config: Any
   params: Any
   assets_dir: str | None   # where the tokenizer / processor files of this checkpoint are (None if nowhere)
+  quantize: str | None = None   # 'int8': params are the quantized tree of `models/quantize.py`
 
 
 def read_hf_config(folder: str) -> dict:
@@ -75,15 +77,38 @@ def param_shardings(cfg, mesh):
   return logical_to_sharding(registry.family_of(cfg).abstract_params(cfg, boxed=True), mesh)
 
 
-def _placed(params, stored, cfg, mesh):
-  """Params read in the stored layer layout -> the layout and shardings `cfg` asks for."""
-  if stored.scan_layers == cfg.scan_layers:
-    return params
+def _stored_shardings(stored, mesh, quantize):
+  """Where a checkpoint's float params are restored: the host CPU when they are quantized next (leaf by leaf, so
+  no device holds a float copy), else their shards on `mesh`, else the first device."""
+  if quantize:
+    cpu = jax.sharding.SingleDeviceSharding(quantization.host_device())
+    return jax.tree.map(lambda _: cpu, registry.family_of(stored).abstract_params(stored))
+  if mesh is not None:
+    return param_shardings(stored, mesh)
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda _: dev, registry.family_of(stored).abstract_params(stored))
+
+
+def _placed(params, stored, cfg, mesh, quantize=None):
+  """Params read in the stored layer layout -> the layout, shardings (and quantization) `cfg` asks for."""
+  relaid = stored.scan_layers != cfg.scan_layers
   params = relayout(params, stored.scan_layers, cfg.scan_layers)
-  return params if mesh is None else jax.device_put(params, param_shardings(cfg, mesh))
+  if quantize:
+    return quantization.Quantizer(cfg, quantize, mesh).quantize_tree(params)
+  return jax.device_put(params, param_shardings(cfg, mesh)) if relaid and mesh is not None else params
 
 
-def load(path: str, dtype: str | None = "float32", progress=None, mesh=None, **overrides) -> Loaded:
+def _quantize_overrides(quantize, overrides: dict) -> dict:
+  quantization.check_mode(quantize)
+  if not quantize:
+    return overrides
+  if overrides.get("scan_layers"):
+    raise ValueError(f"quantize={quantize!r} needs unrolled layers: drop scan_layers=True")
+  return {**overrides, "scan_layers": False}
+
+
+def load(path: str, dtype: str | None = "float32", progress=None, mesh=None, quantize: str | None = None,
+         before_read=None, **overrides) -> Loaded:
   """Read the weights at `path` (HF folder | model checkpoint | train.py workdir).
 
   dtype: parameter and compute dtype ('float32' | 'bfloat16' | None = keep a checkpoint's own). overrides: config
@@ -91,18 +116,23 @@ def load(path: str, dtype: str | None = "float32", progress=None, mesh=None, **o
   progress callback. mesh: a (data, fsdp, tensor) `jax.sharding.Mesh`: every parameter goes straight into its
   shards as it is read (HF tensor by tensor, Orbax with target shardings), so no host or device holds the whole
   model; without one, HF weights come back as host numpy arrays and checkpoints on the first device.
+  quantize: 'int8' (weight-only, `models/quantize.py`; unrolled layers): every linear kernel is quantized on the
+  host as it is read and placed as int8 + scales (HF tensor by tensor; checkpoints are restored to the host first).
+  before_read(cfg): called with the model config before any weight is read (e.g. a memory check).
   """
+  check = before_read or (lambda cfg: None)
+  overrides = _quantize_overrides(quantize, overrides)
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint path {path} does not exist")
   if checkpoint.is_checkpoint(path):
     stored = checkpoint.load_config(path).replace(**_dtype_overrides(dtype))
     fam = registry.family_of(stored)
     cfg = stored.replace(**overrides)
-    shardings = None if mesh is None else param_shardings(stored, mesh)
-    params = checkpoint.load(path, fam.abstract_params(stored), shardings)
-    return Loaded(fam, cfg, _placed(params, stored, cfg, mesh), checkpoint.assets_dir(path))
+    check(cfg)
+    params = checkpoint.load(path, fam.abstract_params(stored), _stored_shardings(stored, mesh, quantize))
+    return Loaded(fam, cfg, _placed(params, stored, cfg, mesh, quantize), checkpoint.assets_dir(path), quantize)
   if is_training_workdir(path):
-    return _load_training_workdir(path, dtype, mesh, **overrides)
+    return _load_training_workdir(path, dtype, mesh, quantize, check, **overrides)
   try:
     checkpoint_files(path)
   except CheckpointError:
@@ -112,13 +142,16 @@ def load(path: str, dtype: str | None = "float32", progress=None, mesh=None, **o
   d = read_hf_config(path)
   fam = registry.for_model_type(d.get("model_type"))
   cfg = fam.from_hf_dict(d, **_dtype_overrides(dtype or "float32"), **overrides)
-  shardings = None if mesh is None else param_shardings(cfg, mesh)
+  check(cfg)
+  shardings = None if mesh is None or quantize else param_shardings(cfg, mesh)
+  place = quantization.Quantizer(cfg, quantize, mesh).place if quantize else None
   params = import_hf_params(path, cfg, fam.abstract_params(cfg), dtype=cfg.param_dtype, progress=progress,
-                            shardings=shardings)
-  return Loaded(fam, cfg, params, path)
+                            shardings=shardings, place=place)
+  return Loaded(fam, cfg, params, path, quantize)
 
 
-def _load_training_workdir(path: str, dtype: str | None, mesh=None, **overrides) -> Loaded:
+def _load_training_workdir(path: str, dtype: str | None, mesh=None, quantize=None, check=lambda cfg: None,
+                           **overrides) -> Loaded:
   """The params of the latest checkpoint of a `train.py` workdir (one stage), with its model config."""
   import ml_collections
 
@@ -127,11 +160,7 @@ def _load_training_workdir(path: str, dtype: str | None, mesh=None, **overrides)
   stored = model_config(train_cfg).replace(**_dtype_overrides(dtype))
   fam = registry.family_of(stored)
   cfg = stored.replace(**overrides)
-  abstract = fam.abstract_params(stored)
-  if mesh is None:
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: dev, abstract)
-  else:
-    shardings = param_shardings(stored, mesh)
-  params, _ = checkpoint.load_training_params(path, abstract, shardings)
-  return Loaded(fam, cfg, _placed(params, stored, cfg, mesh), None)
+  check(cfg)
+  params, _ = checkpoint.load_training_params(path, fam.abstract_params(stored),
+                                              _stored_shardings(stored, mesh, quantize))
+  return Loaded(fam, cfg, _placed(params, stored, cfg, mesh, quantize), None, quantize)

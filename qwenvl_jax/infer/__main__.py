@@ -3,6 +3,7 @@
     python -m qwenvl_jax.infer --checkpoint DIR --image a.png --prompt "Describe the image."
     python -m qwenvl_jax.infer --checkpoint DIR                 # interactive: type questions, /image PATH, /reset
     python -m qwenvl_jax.infer --checkpoint DIR --mesh 1,1,8 ...  # weights sharded over 8 devices, tensor-parallel
+    python -m qwenvl_jax.infer --checkpoint DIR --quantize int8 ...  # int8 linear weights (half of bfloat16)
     python -m qwenvl_jax.infer --plan --model qwen_vl_7b --devices v5e-1 --dtype int8 --batch 1 --context 2048
 
 DIR is an HF folder (Qwen-VL: qwen.tiktoken; Qwen2-VL: tokenizer.json), this project's checkpoint, or a train.py
@@ -52,9 +53,11 @@ def main(argv=None) -> int:
   p.add_argument("--boxes_out", default=None, help="PNG path for drawn boxes (default: <image>_boxes.png)")
   p.add_argument("--mesh", default=None, help="DATA,FSDP,TENSOR device mesh, e.g. 1,1,8: weights are loaded straight "
                  "into their shards and decoding runs tensor-parallel (default: one device)")
+  p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only int8 linear layers, quantized as "
+                 "the weights are read (with --mesh too)")
   g = p.add_argument_group("memory plan (--plan: per-device bytes, no model is loaded)")
   g.add_argument("--plan", action="store_true")
-  g.add_argument("--model", default=None, help="a named config, e.g. qwen_vl_7b, qwen2_vl_7b")
+  g.add_argument("--model", default=None, help="a named config (e.g. qwen_vl_7b, qwen2_vl_7b) or a checkpoint path")
   g.add_argument("--devices", default=None, help="a TPU slice: v2-8, v3-8, v4-8, v5e-1, v5e-4, v5e-8, v5p-8, v6e-1 ...")
   g.add_argument("--batch", type=int, default=1)
   g.add_argument("--context", type=int, default=2048, help="prompt + new tokens held in the KV cache")
@@ -69,20 +72,22 @@ def main(argv=None) -> int:
   try:
     import qwenvl_jax as qv
     from qwenvl_jax.api import find_tokenizer
+    from qwenvl_jax.data.hf_tokenizer import find_tokenizer_json
     from qwenvl_jax.data.images import load_image
 
     if not os.path.exists(args.checkpoint):
       raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
     for img in args.image:
       load_image(img)  # fail early, with the image's name, before loading the model
-    tok_path = args.tokenizer or find_tokenizer(args.checkpoint)
+    tok_path = args.tokenizer or find_tokenizer(args.checkpoint) or find_tokenizer_json(args.checkpoint)
     if tok_path is None:
       raise FileNotFoundError(f"no tokenizer found with {args.checkpoint}; pass --tokenizer")
     mesh = None
     if args.mesh:
       from qwenvl_jax.sharding import parse_mesh
       mesh = parse_mesh(args.mesh)
-    model = qv.load(args.checkpoint, dtype=args.dtype, scan_layers=False, mesh=mesh)  # unrolled: faster decoding
+    model = qv.load(args.checkpoint, dtype=args.dtype, scan_layers=False, mesh=mesh,  # unrolled: faster decoding
+                    quantize=args.quantize)
     tok = qv.load_tokenizer(tok_path, image_span=model.processor().fixed_image_tokens)
     if args.prompt is not None:
       _answer(model, tok, args.prompt, None, args.image, args)
@@ -129,7 +134,11 @@ def _plan(args) -> int:
         mesh = tuple(int(v) for v in args.mesh.split(","))
       except ValueError:
         raise ValueError(f"mesh {args.mesh!r}: expected three sizes DATA,FSDP,TENSOR such as 1,1,8") from None
-    print(describe(plan(args.model, args.devices, args.dtype or "bfloat16", args.batch, args.context, mesh)))
+    model = args.model
+    if os.path.exists(model):  # a checkpoint: its config.json, no weight read
+      import qwenvl_jax as qv
+      model = qv.load_config(model)
+    print(describe(plan(model, args.devices, args.dtype or "bfloat16", args.batch, args.context, mesh)))
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -4,20 +4,23 @@ the sharding rules alone (`jax.eval_shape` + an abstract mesh: nothing is alloca
     python -m qwenvl_jax.infer --plan --model qwen_vl_7b --devices v5e-1 --dtype int8 --batch 1 --context 2048
 
 The mesh is (data 1, fsdp 1, tensor = the slice's devices) unless --mesh says otherwise; a dimension the tensor
-axis does not divide (e.g. 4 key/value heads on tensor=8) is replicated, as the loader does. int8 counts every
-linear kernel (`.../kernel`, the LM head included) as int8 plus one bfloat16 scale per output channel (weight-only
-per-channel quantization, reduced over the kernel's first input axis); embeddings, norms and biases stay bfloat16,
-and the KV cache is bfloat16.
+axis does not divide (e.g. 4 key/value heads on tensor=8) is replicated, as the loader does. int8 counts the very
+tree `qv.load(path, quantize="int8")` places (`models/quantize.py`: every linear kernel, the LM head included, as
+int8 plus one bfloat16 scale per output channel; embeddings, norms and biases bfloat16), with the same shardings;
+the KV cache is bfloat16.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import flax.linen as nn
+import jax
 import numpy as np
-from flax.traverse_util import flatten_dict
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 
+from qwenvl_jax.models import quantize as quantization
 from qwenvl_jax.models import registry
 from qwenvl_jax.sharding import MESH_AXES, logical_to_sharding
 
@@ -55,27 +58,26 @@ def _shard_elems(shape, sharding: NamedSharding) -> int:
   return int(np.prod(sharding.shard_shape(tuple(shape)))) if shape else 1
 
 
-def param_bytes(cfg, mesh, dtype: str) -> tuple[int, int]:
-  """-> (bytes on the most loaded device, total bytes) of the parameters in `dtype` ('int8': see module doc)."""
-  fam = registry.family_of(cfg)
-  boxed = fam.abstract_params(cfg, boxed=True)
-  shardings = flatten_dict(logical_to_sharding(boxed, mesh))
-  shapes = {p: x.shape for p, x in flatten_dict(fam.abstract_params(cfg)).items()}
-  per_device = total = 0
-  for path, shape in shapes.items():
-    sh = shardings[path]
-    if dtype == "int8" and path[-1] == "kernel" and len(shape) >= 2:
-      # int8 values + one bf16 scale per output channel: the kernel reduced over its (first) input axis, which
-      # comes after the stacked layer axis of scanned layers
-      axis = 1 if "layers" in path else 0
-      local = sh.shard_shape(tuple(shape))
-      per_device += _shard_elems(shape, sh) + 2 * _shard_elems(shape, sh) // local[axis]
-      total += int(np.prod(shape)) + 2 * int(np.prod(shape)) // shape[axis]
-    else:
-      width = 2 if dtype == "int8" else DTYPE_BYTES[dtype]
-      per_device += _shard_elems(shape, sh) * width
-      total += int(np.prod(shape)) * width
+def param_bytes(cfg, mesh, dtype: str, int8_base: str = "bfloat16") -> tuple[int, int]:
+  """-> (bytes on the most loaded device, total bytes) of the parameters in `dtype`. 'int8' counts the tree that
+  `qv.load(..., quantize='int8', dtype=int8_base)` builds (Qwix's int8 kernels + scales; the rest in int8_base)."""
+  boxed = _abstract_params(cfg, dtype, int8_base)
+  shardings = jax.tree.leaves(logical_to_sharding(boxed, mesh), is_leaf=lambda x: isinstance(x, NamedSharding))
+  arrays = jax.tree.leaves(nn.meta.unbox(boxed))
+  per_device = sum(_shard_elems(x.shape, sh) * x.dtype.itemsize for x, sh in zip(arrays, shardings))
+  total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in arrays)
   return per_device, total
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_params(cfg, dtype: str, int8_base: str):
+  """The boxed abstract parameter tree (shapes, dtypes, logical axes), traced once per config (a plan over several
+  slices or dtypes reuses it)."""
+  if dtype == "int8":
+    cfg = cfg.replace(scan_layers=False, param_dtype=int8_base, dtype=int8_base)
+    return quantization.abstract_quantized(cfg, quantization.quantized_module(cfg, "int8"), boxed=True)
+  cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
+  return registry.family_of(cfg).abstract_params(cfg, boxed=True)
 
 
 def kv_cache_bytes(cfg, mesh, batch: int, context: int, dtype: str) -> tuple[int, int]:
@@ -89,9 +91,9 @@ def kv_cache_bytes(cfg, mesh, batch: int, context: int, dtype: str) -> tuple[int
   return total // split, total
 
 
-def plan(model: str, devices: str, dtype: str = "bfloat16", batch: int = 1, context: int = 2048,
+def plan(model, devices: str, dtype: str = "bfloat16", batch: int = 1, context: int = 2048,
          mesh: tuple[int, int, int] | None = None) -> dict:
-  """The memory plan of a named model on a named TPU slice (see the module doc)."""
+  """The memory plan of a model (a named config or a config object) on a named TPU slice (see the module doc)."""
   if devices not in DEVICES:
     raise ValueError(f"unknown devices {devices!r}; known: {sorted(DEVICES)}")
   if dtype not in DTYPE_BYTES:
@@ -107,10 +109,71 @@ def plan(model: str, devices: str, dtype: str = "bfloat16", batch: int = 1, cont
   p_dev, p_total = param_bytes(cfg, m, dtype)
   kv_dev, kv_total = kv_cache_bytes(cfg, m, batch, context, dtype)
   used = p_dev + kv_dev
-  return {"model": model, "devices": devices, "dtype": dtype, "batch": batch, "context": context,
+  name = model if isinstance(model, str) else type(model).__name__
+  return {"model": name, "devices": devices, "dtype": dtype, "batch": batch, "context": context,
           "mesh": dict(zip(MESH_AXES, sizes)), "params_per_device": p_dev, "params_total": p_total,
           "kv_cache_per_device": kv_dev, "kv_cache_total": kv_total, "hbm_per_device": dev.hbm,
           "fits": used <= (1 - RESERVE) * dev.hbm, "hbm_source": dev.source}
+
+
+def choose(model, devices: str, batch: int = 1, context: int = 2048, mesh=None) -> dict:
+  """The plan of the first of bfloat16, int8 that fits (the int8 plan, `fits` False, when neither does)."""
+  for dtype in ("bfloat16", "int8"):
+    r = plan(model, devices, dtype, batch, context, mesh)
+    if r["fits"]:
+      break
+  return r
+
+
+# jax device_kind prefix -> (DEVICES name prefix, JAX devices per counted unit: v2/v3 names count TensorCores, v4/v5p
+# names count TensorCores too but JAX sees one megacore device per chip, v5e/v6e names count chips)
+_KINDS = (("TPU v2", "v2", 1), ("TPU v3", "v3", 1), ("TPU v4", "v4", 2), ("TPU v5 lite", "v5e", 1),
+          ("TPU v5e", "v5e", 1), ("TPU v5p", "v5p", 2), ("TPU v6 lite", "v6e", 1), ("TPU v6e", "v6e", 1))
+
+
+def slice_name(devices) -> str | None:
+  """The DEVICES name of the TPU slice `devices` form (e.g. 'v5e-1', 'v2-8'); None off TPU or for a slice the table
+  does not list."""
+  if not devices or devices[0].platform != "tpu":
+    return None
+  kind = devices[0].device_kind
+  for prefix, name, per_device in _KINDS:
+    if kind.startswith(prefix):
+      candidate = f"{name}-{len(devices) * per_device}"
+      return candidate if candidate in DEVICES else None
+  return None
+
+
+def device_memory(devices) -> int | None:
+  """The smallest memory limit (bytes) of `devices` as the runtime reports it; None where it reports none (CPU)."""
+  limits = []
+  for d in devices:
+    try:
+      stats = d.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory stats raise their own errors
+      stats = None
+    if not stats or "bytes_limit" not in stats:
+      return None
+    limits.append(int(stats["bytes_limit"]))
+  return min(limits) if limits else None
+
+
+def check_fits(cfg, mesh, quantize: str | None, what: str, limit: int | None = None) -> None:
+  """Before loading: raise a one-line ValueError when the parameters alone exceed a device's memory on `mesh` (None:
+  one device). `limit`: bytes per device (default: what the runtime reports; no check where it reports none)."""
+  import jax
+  devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+  limit = device_memory(devices) if limit is None else limit
+  if limit is None:
+    return
+  sizes = tuple(mesh.shape[a] for a in MESH_AXES) if mesh is not None else (1, 1, 1)
+  base = jax.numpy.dtype(cfg.param_dtype).name
+  dtype = "int8" if quantize else base
+  need, _ = param_bytes(cfg, abstract_mesh(sizes), dtype, int8_base=base)
+  if need > limit:
+    raise ValueError(f"{what}: the {dtype} parameters need {need / GIB:.2f} GiB per device on mesh "
+                     f"{'x'.join(map(str, sizes))} but a device has {limit / GIB:.2f} GiB; use more devices (mesh), "
+                     f"quantize='int8', or see `python -m qwenvl_jax.infer --plan`")
 
 
 def describe(r: dict) -> str:
@@ -124,4 +187,5 @@ def describe(r: dict) -> str:
           f"  -> {verdict} (with {RESERVE:.0%} of HBM kept for activations and workspace)")
 
 
-__all__ = ["DEVICES", "plan", "describe", "param_bytes", "kv_cache_bytes", "abstract_mesh"]
+__all__ = ["DEVICES", "plan", "choose", "slice_name", "describe", "param_bytes", "kv_cache_bytes", "abstract_mesh",
+           "check_fits", "device_memory"]

@@ -26,6 +26,7 @@ class Family:
   from_json_dict: Callable[[dict], Any]        # this project's checkpoint config -> cfg
   to_json_dict: Callable[[Any], dict]
   module: Callable[[Any], Any]                 # cfg -> Flax module
+  example_call: Callable[[Any], tuple]         # cfg -> (args, kwargs) of a module call reaching every parameter
   init_params: Callable[..., Any]              # (cfg, rng, boxed=False) -> params
   abstract_params: Callable[..., Any]          # (cfg, boxed=False) -> ShapeDtypeStruct tree
   hf_slots: Callable[[Any], dict]              # cfg -> {HF key: Slot} (models/rules.py)

@@ -31,6 +31,12 @@ def as_dtype(name_or_dtype):
   return jnp.dtype(name_or_dtype).type
 
 
+def cast(w, dtype):
+  """A weight in the compute dtype; one already in it is passed through untouched (a quantized weight stands in for
+  the array there, and casting it would undo the quantization)."""
+  return w if w.dtype == jnp.dtype(dtype) else w.astype(dtype)
+
+
 class Dense(nn.Module):
   """y = x . kernel (+ bias), contracting the last `contract` dims of x.
 
@@ -51,7 +57,10 @@ class Dense(nn.Module):
     shape = tuple(x.shape[-self.contract:]) + tuple(self.features)
     kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes), shape,
                         self.param_dtype)
-    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.contract)
+    # lax.dot_general (what tensordot lowers to), so weight-quantization libraries that intercept it see the kernel
+    n = self.contract
+    dims = ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
+    y = jax.lax.dot_general(x.astype(self.dtype), cast(kernel, self.dtype), dims)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                              self.axes[-len(self.features):]),

@@ -100,17 +100,19 @@ class Qwen2VL(nn.Module):
     return out, updated_cache(cache, new_kv, key_valid, s, next_pos)
 
 
-def _init_inputs(cfg: Qwen2VLConfig):
+def example_call(cfg: Qwen2VLConfig) -> tuple[tuple, dict]:
+  """Arguments of a call that reaches every parameter (for init and for quantization's abstract pass)."""
   v = cfg.vision
   n = v.spatial_merge_size ** 2
-  return dict(input_ids=jnp.zeros((1, 4), jnp.int32), pixel_values=jnp.zeros((n, v.patch_dim), jnp.float32),
-              vision_rows_cols=jnp.zeros((n, 2), jnp.int32), vision_segments=jnp.ones((n,), jnp.int32))
+  return (jnp.zeros((1, 4), jnp.int32),), dict(
+      pixel_values=jnp.zeros((n, v.patch_dim), jnp.float32), vision_rows_cols=jnp.zeros((n, 2), jnp.int32),
+      vision_segments=jnp.ones((n,), jnp.int32))
 
 
 def init_params(cfg: Qwen2VLConfig, rng: jax.Array, boxed: bool = False):
   """Random parameters. `boxed=True` keeps the logical-axis metadata."""
-  kw = _init_inputs(cfg)
-  params = Qwen2VL(cfg).init(rng, kw.pop("input_ids"), **kw)["params"]
+  args, kw = example_call(cfg)
+  params = Qwen2VL(cfg).init(rng, *args, **kw)["params"]
   return params if boxed else nn.meta.unbox(params)
 
 

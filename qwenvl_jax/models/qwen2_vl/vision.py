@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from qwenvl_jax.models.qwen2_vl.config import Qwen2VLConfig
-from qwenvl_jax.nn.layers import MLP, LayerNorm
+from qwenvl_jax.nn.layers import MLP, LayerNorm, cast
 from qwenvl_jax.nn.rotary import vision_rope_angles
 from qwenvl_jax.nn.vit import vit_trunk
 
@@ -32,7 +32,7 @@ class VisionTower(nn.Module):
         nn.initializers.normal(0.02), ("channels", "patch_t", "patch_h", "patch_w", "vit_embed")),
         (c, t, p, p, v.embed_dim), param_dtype)
     x = patches.astype(dtype).reshape(-1, c, t, p, p)
-    x = jnp.einsum("nctyx,ctyxd->nd", x, kernel.astype(dtype))[None]           # [1, P, W]
+    x = jnp.einsum("nctyx,ctyxd->nd", x, cast(kernel, dtype))[None]           # [1, P, W]
     mask = (segments[:, None] == segments[None, :])[None, None]                 # [1, 1, P, P]
     rope = vision_rope_angles(rows_cols, v.head_dim, v.rope_theta)[None]        # [1, P, head_dim / 2]
     return vit_trunk(spec, x, mask, rope)[0]

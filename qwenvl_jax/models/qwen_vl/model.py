@@ -103,17 +103,18 @@ class QwenVL(nn.Module):
     return out, updated_cache(cache, new_kv, key_valid, s, next_pos)
 
 
-def _init_inputs(cfg: QwenVLConfig):
+def example_call(cfg: QwenVLConfig) -> tuple[tuple, dict]:
+  """Arguments of a call that reaches every parameter (for init and for quantization's abstract pass)."""
   v = cfg.visual
   ids = jnp.zeros((1, v.n_queries + 2), jnp.int32)
   pixels = jnp.zeros((1, 3, v.image_size, v.image_size), jnp.float32)
-  return ids, pixels
+  return (ids,), {"pixel_values": pixels, "inference": False}
 
 
 def init_params(cfg: QwenVLConfig, rng: jax.Array, boxed: bool = False):
   """Random parameters (official-style initialisers). `boxed=True` keeps the logical-axis metadata."""
-  ids, pixels = _init_inputs(cfg)
-  variables = QwenVL(cfg).init(rng, ids, pixel_values=pixels, inference=False)
+  args, kw = example_call(cfg)
+  variables = QwenVL(cfg).init(rng, *args, **kw)
   params = variables["params"]
   return params if boxed else nn.meta.unbox(params)
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from qwenvl_jax.models.qwen_vl.config import VisionConfig
 from qwenvl_jax.nn.attention import MultiHeadAttention
-from qwenvl_jax.nn.layers import LayerNorm, dense
+from qwenvl_jax.nn.layers import LayerNorm, cast, dense
 from qwenvl_jax.nn.positions import resize_square_table, sincos_2d
 
 
@@ -44,4 +44,4 @@ class Resampler(nn.Module):
     out = LayerNorm(c.layer_norm_eps, "embed", name="ln_post", **kw)(out)
     proj = self.param("proj", nn.with_logical_partitioning(nn.initializers.normal(d ** -0.5),
                                                            ("embed", "embed_out")), (d, d), self.param_dtype)
-    return out @ proj.astype(self.dtype)
+    return out @ cast(proj, self.dtype)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from qwenvl_jax.models.qwen_vl.config import QwenVLConfig
-from qwenvl_jax.nn.layers import LayerNorm
+from qwenvl_jax.nn.layers import LayerNorm, cast
 from qwenvl_jax.nn.positions import resize_square_table
 from qwenvl_jax.nn.vit import vit_trunk
 
@@ -41,7 +41,7 @@ class VisionTransformer(nn.Module):
         nn.with_logical_partitioning(nn.initializers.normal(0.02), ("patch_h", "patch_w", "channels", "vit_embed")),
         (c.patch_size, c.patch_size, 3, c.width), param_dtype)
     patches = patchify(pixels.astype(dtype), c.patch_size)
-    x = jnp.einsum("nyxhwc,hwcd->nyxd", patches, kernel.astype(dtype))
+    x = jnp.einsum("nyxhwc,hwcd->nyxd", patches, cast(kernel, dtype))
     x = x.reshape(x.shape[0], -1, c.width)
     pos = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(c.width ** -0.5),
                                                                ("pos", "vit_embed")),
