@@ -41,6 +41,9 @@ def main(argv):
       return 0
     if not _WORKDIR.value:
       raise ValueError("--workdir is required")
+    if "://" in _WORKDIR.value:
+      raise ValueError(f"--workdir {_WORKDIR.value}: the workdir is written with local file operations; mount the "
+                       "bucket (Cloud Storage FUSE, docs/tpu.md) and pass the mounted path")
     run(_CONFIG.value, _WORKDIR.value)
   except (ValueError, OSError, CheckpointIncompatible, NonFiniteLoss) as e:
     print(f"error: {one_line(e)}", file=sys.stderr)

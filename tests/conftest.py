@@ -85,10 +85,12 @@ def env(root):
 
 @pytest.fixture(scope="session")
 def reference(root, env):
-  """One uninterrupted 16-step run (checkpoints every 4) that the resume tests compare against."""
+  """One uninterrupted 16-step run (checkpoints every 4) that the resume tests compare against; it also traces
+  steps 5-6 with jax.profiler (tracing leaves the numbers alone, so the comparisons hold)."""
   def produce(d):
     wd = d / "workdir"
-    r = train(env, f"--config={write_config(d)}", f"--workdir={wd}", *REF_OVERRIDES)
+    r = train(env, f"--config={write_config(d)}", f"--workdir={wd}", *REF_OVERRIDES,
+              "--config.profile.start_step=4", "--config.profile.steps=2")
     return {"workdir": str(wd), "rc": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
   ref = once(root, "reference", produce)
   assert ref["rc"] == 0, describe(subprocess.CompletedProcess([], ref["rc"], ref["stdout"], ref["stderr"]))

@@ -53,6 +53,20 @@ def test_unusable_workdir_is_one_error_line(env, tmp_path):
   assert "Not a directory" in line and f"'{wd}'" in line  # the path, quotes intact
   r = train(env, f"--config={write_config(tmp_path)}", timeout=120)
   assert r.returncode == 2 and "--workdir is required" in error_line(r.stderr)
+  r = train(env, f"--config={write_config(tmp_path)}", "--workdir=gs://bucket/run", timeout=120)
+  assert r.returncode == 2 and "mount the bucket" in error_line(r.stderr)
+
+
+@pytest.mark.parametrize("key", ["init.path", "data.path", "data.image_root", "data.tokenizer"])
+def test_url_paths_are_refused_with_the_mount_hint(key):
+  from qwenvl_jax.train.config import base_config, validate
+  c = base_config()
+  c.init.update(source="hf", path="/ckpt")
+  c.data.update(source="jsonl", path="/data/train.jsonl")
+  section, name = key.split(".")
+  c[section][name] = "gs://bucket/x"
+  with pytest.raises(ValueError, match=rf"^bad config value: {key} 'gs://bucket/x': .*mount the bucket"):
+    validate(c)
 
 
 @pytest.mark.parametrize("args, expect", [

@@ -259,6 +259,10 @@ def test_resolved_config_metrics_and_tensorboard(reference):
   assert lrs[-1] == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 13 / 14)), rel=1e-5)
   assert len({k for x in logged for k in x if k.startswith("loss/")}) >= 8  # most tasks show up in 16 steps
 
+  # the profile of steps 5-6: one trace (xplane + trace viewer) where TensorBoard's Profile tab looks
+  traces = glob.glob(os.path.join(wd, "tensorboard", "plugins", "profile", "*", "*.xplane.pb"))
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0, traces
+
   scalars = read_scalars(os.path.join(wd, "tensorboard"))
   for tag in ("train/loss", "train/grad_norm", "train/lr"):
     assert sorted(scalars[tag]) == list(range(1, TOTAL + 1)), tag

@@ -33,8 +33,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
   c.log = ml_collections.ConfigDict(dict(every=10, tensorboard=True, progress=True))
+  # jax.profiler trace of `steps` steps after step `start_step` into workdir/tensorboard (TensorBoard's Profile tab)
+  c.profile = ml_collections.ConfigDict(dict(start_step=10, steps=0))  # steps=0: off
   c.nonfinite = "stop"       # stop | skip: what a NaN/Inf loss or gradient does
   c.peak_flops = 0.0         # per-device peak FLOP/s for the MFU metric (0: measured matmul peak of device 0)
+  # multi-host: initialize=True; coordinator_address "" lets the TPU runtime give all three (pod slices), else
+  # "host:port" of process 0 with num_processes and this process's id (python -m qwenvl_jax.train.launch)
   c.distributed = ml_collections.ConfigDict(dict(initialize=False, coordinator_address="", num_processes=1,
                                                  process_id=0))
   # A config may chain stages (the demo does): names run in order, each in workdir/<name>, started from the previous
@@ -107,3 +111,8 @@ def validate(c: ml_collections.ConfigDict, dry_run: bool = False) -> None:
   need(c.optim.vision_lr_scale > 0, "optim.vision_lr_scale must be positive")
   need(c.nonfinite in ("stop", "skip"), f"nonfinite {c.nonfinite!r}: stop | skip")
   need(c.checkpoint.every > 0 and c.checkpoint.keep > 0, "checkpoint.every and checkpoint.keep must be positive")
+  for key in ("init.path", "data.path", "data.image_root", "data.tokenizer"):
+    value = str(c[key.split(".")[0]][key.split(".")[1]])
+    need("://" not in value, f"{key} {value!r}: paths are read as local files; mount the bucket (Cloud Storage "
+                             "FUSE, docs/tpu.md) and pass the mounted path")
+  need(c.profile.start_step >= 0 and c.profile.steps >= 0, "profile.start_step and profile.steps must be >= 0")

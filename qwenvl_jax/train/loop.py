@@ -211,12 +211,15 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
             "task": np.zeros(len(tasks)), "task_n": np.zeros(len(tasks))}
   last: dict = {}
   step = start
+  trace = _Trace(c.profile, os.path.join(workdir, "tensorboard"))
   try:
     with jax.set_mesh(mesh), _logical_rules():
       while step < total:
         batch = _global_batch(next(data_iter), batch_sharding)
+        trace.before(step + 1)
         state, metrics = step_fn(state, batch)
         step += 1
+        trace.after(step, state)
         m = jax.device_get(metrics)
         if not bool(m["finite"]):
           if c.nonfinite == "stop":
@@ -248,6 +251,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
           print(f"SIGTERM: saved step {step}, exiting", flush=True)
           break
   finally:
+    trace.stop()
     ckpt.wait()
     ckpt.close()
     signal.signal(signal.SIGTERM, previous_handler)
@@ -257,6 +261,31 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
       writer.close()
   last.update(step=step, stopped_by_signal=stop["sigterm"])
   return last
+
+
+class _Trace:
+  """A jax.profiler trace of steps start_step+1 .. start_step+steps (every process writes its own host's trace
+  under log_dir/plugins/profile/, where TensorBoard's Profile tab finds it); steps=0 traces nothing."""
+
+  def __init__(self, profile, log_dir: str):
+    self.first, self.last = profile.start_step + 1, profile.start_step + profile.steps
+    self.log_dir, self.on = log_dir, False
+
+  def before(self, step: int) -> None:
+    if step == self.first and self.last >= self.first:
+      jax.profiler.start_trace(self.log_dir)
+      self.on = True
+
+  def after(self, step: int, state) -> None:
+    if self.on and step >= self.last:
+      jax.block_until_ready(state)  # the traced steps' device work, not just their dispatch
+      self.stop()
+      log.info("profile of steps %d-%d written under %s", self.first, self.last, self.log_dir)
+
+  def stop(self) -> None:
+    if self.on:
+      jax.profiler.stop_trace()
+      self.on = False
 
 
 def _logical_rules():
@@ -330,9 +359,11 @@ def _log_window(w, m, step, total, flops, peak, tasks, writer, bar) -> dict:
 def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
   """Run a config: one stage, or the chained `stages` each in workdir/<stage> from the previous one."""
   from qwenvl_jax.train.config import resolve_stage, validate
-  if c.distributed.initialize:
-    jax.distributed.initialize(c.distributed.coordinator_address or None, c.distributed.num_processes,
-                               c.distributed.process_id)
+  d = c.distributed
+  if d.initialize and d.coordinator_address:
+    jax.distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
+  elif d.initialize:  # TPU pod slices (and clusters jax knows) give every process all three
+    jax.distributed.initialize()
   if not c.stages:
     validate(c)
     return run_stage(c, workdir)
