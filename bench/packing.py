@@ -1,6 +1,14 @@
 """Packing efficiency and input-pipeline throughput on the synthetic stage-2 mix.
 
     python bench/packing.py [--records 2000 --seq-len 2048 --image-size 448 --bins 64 --max-images 8]
+    python bench/packing.py --family qwen2_vl [--records 4000 --seq-len 1024 --batch 4 --sides 56,224
+                                               --window 1024 --patch-budget 0]
+
+Qwen2-VL (any resolution): every image keeps its own size (a side drawn per record in --sides, then smart_resize),
+so samples carry different numbers of patches; batches are packed on tokens per row and patches per batch
+(`data/patch_packing.py`). Reported: token fill (non-padding fraction of the rows) and patch fill (real patches /
+--patch-budget; 0 = the budget that matches the mix: its patches per token x batch x seq_len, from the first 1000
+samples), and samples/s through the whole pipeline (draw, resize, patchify, tokenise, positions, pack).
 
 Efficiency = non-padding fraction of the packed rows, against padding-only batching (one sample per row).
 Throughput = packed samples per second through the whole Grain pipeline (draw, decode, resize, tokenise, pack)
@@ -13,6 +21,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -24,8 +33,52 @@ from qwenvl_jax.data.shapes import ShapesSource  # noqa: E402
 from qwenvl_jax.data.tokenizer import default_qwen_vocab, load_tokenizer  # noqa: E402
 
 
+def qwen2_vl(args):
+  from qwenvl_jax.data.hf_tokenizer import HFTokenizer
+  from qwenvl_jax.data.patch_packing import budget_for
+  from qwenvl_jax.data.pipeline import build_patch_dataset
+  from qwenvl_jax.models import registry
+  from qwenvl_jax.models.qwen2_vl.processor import Qwen2VLProcessor
+  from qwenvl_jax.models.qwen2_vl.samples import Qwen2VLSampleEncoder
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+  from qwen2_tokenizer_fixture import build  # a small Qwen2-style byte-level BPE with the Qwen2-VL special tokens
+
+  tok = HFTokenizer(build(os.path.join(tempfile.mkdtemp(), "tokenizer.json")))
+  cfg = registry.get_config("qwen2_vl_tiny")  # its vision ids are the tokenizer's
+  lo, hi = (int(x) for x in args.sides.split(","))
+  proc = Qwen2VLProcessor.for_config(cfg, min_pixels=lo * lo, max_pixels=hi * hi)
+  source = ShapesSource("train", args.records, seed=0, image_size=(lo, hi))
+  dc = DataConfig(seq_len=args.seq_len, batch_size=args.batch, packing_window=args.window, num_threads=args.threads)
+  budget = args.patch_budget
+  if not budget:
+    probe = Qwen2VLSampleEncoder(tok, cfg, proc, dc, patch_budget=1 << 30)
+    probed = [probe(source[i]) for i in range(min(1000, len(source)))]
+    budget = budget_for(probed, args.batch, args.seq_len, proc.merge_size)
+  enc = Qwen2VLSampleEncoder(tok, cfg, proc, dc, patch_budget=budget)
+  ds = build_patch_dataset(source, enc, dc, patch_budget=budget, patch_dim=proc.patch_dim, merge=proc.merge_size,
+                           seed=0, process_index=0, process_count=1)
+  t0 = time.time()
+  tokens = patches = samples = batches = 0
+  for b in ds:
+    tokens += int((b["segment_ids"] > 0).sum())
+    patches += int((b["vision_segments"] > 0).sum())
+    samples += int(b["segment_ids"].max(axis=1).sum())
+    batches += 1
+  dt = time.time() - t0
+  print(f"{samples} samples -> {batches} batches of {args.batch} x {args.seq_len} tokens and {budget} patches "
+        f"(images {lo}-{hi} px sides, window {args.window}; {enc.summary()})")
+  token_fill, patch_fill = tokens / (batches * args.batch * args.seq_len), patches / (batches * budget)
+  print(f"token fill {token_fill:.2%}, patch fill {patch_fill:.2%}")
+  print(f"throughput {samples / dt:.1f} samples/s, {batches / dt:.2f} batches/s ({args.threads} threads, "
+        f"{dt:.1f}s)")
+
+
 def main():
   ap = argparse.ArgumentParser()
+  ap.add_argument("--family", default="qwen_vl", choices=["qwen_vl", "qwen2_vl"])
+  ap.add_argument("--batch", type=int, default=4, help="qwen2_vl: rows per batch")
+  ap.add_argument("--sides", default="56,224", help="qwen2_vl: image side range (px)")
+  ap.add_argument("--patch-budget", type=int, default=0, help="qwen2_vl: ViT patches per batch (0: matched to the mix)")
   ap.add_argument("--records", type=int, default=2000)
   ap.add_argument("--seq-len", type=int, default=2048)
   ap.add_argument("--image-size", type=int, default=448)
@@ -36,6 +89,8 @@ def main():
   ap.add_argument("--packer", default="window", choices=["window", "first_fit"])
   args = ap.parse_args()
   logging.getLogger("qwenvl_jax.data").setLevel(logging.ERROR)
+  if args.family == "qwen2_vl":
+    return qwen2_vl(args)
   tok = load_tokenizer(default_qwen_vocab())
   source = ShapesSource("train", args.records, seed=0, image_size=args.image_size)
   cfg = DataConfig(seq_len=args.seq_len, max_images=args.max_images, image_size=args.image_size, batch_size=1,

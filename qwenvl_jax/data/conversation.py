@@ -159,6 +159,21 @@ def chatml_ids(tok, turns, system: str = DEFAULT_SYSTEM, answer_special=GROUNDIN
   the model wrote) the grounding tags `answer_special` are their special ids again, as the model produced them;
   nothing else is. Text between two special tokens is encoded as one piece, as the chat template's string is.
   """
+  return _chatml(tok, turns, system, answer_special, training=False).ids
+
+
+def chatml_sample(tok, turns, system: str = DEFAULT_SYSTEM, answer_special=GROUNDING_TOKENS) -> Tokenized:
+  """A whole conversation (every turn answered) as a training sample in the layout of `chatml_ids`, with the
+  targets of Qwen2-VL fine-tuning: each answer's tokens and its `<|im_end|>` (what the model must write, and
+  where it must stop); the system prompt, user turns, vision blocks, the `<|im_start|>assistant\\n` headers and
+  the newlines between turns are context only. Answers are encoded on their own (not joined with the header
+  before them) so the target boundary falls between tokens."""
+  if any(answer is None for _, answer in turns):
+    raise FormatError("a training conversation needs an answer after every user turn")
+  return _chatml(tok, turns, system, answer_special, training=True)
+
+
+def _chatml(tok, turns, system, answer_special, training: bool) -> Tokenized:
   trusted = {t for t in answer_special if t in tok.special_ids}
   pieces: list = [[tok.im_start_id], ("system\n" + system, False), [tok.im_end_id], ("\n", False)]
   for parts, answer in turns:
@@ -167,17 +182,30 @@ def chatml_ids(tok, turns, system: str = DEFAULT_SYSTEM, answer_special=GROUNDIN
     if answer is not None:
       pieces += [(answer, True), [tok.im_end_id], ("\n", False)]
   ids: list[int] = []
-  text, grounded = "", False
+  mask: list[int] = []
+  text, grounded, target = "", False, False
+
+  def flush():
+    nonlocal text, grounded
+    if text:
+      new = tok.encode(text, allowed_special=trusted if grounded else set())
+      ids.extend(new)
+      mask.extend([int(grounded and training)] * len(new))
+      text, grounded = "", False
+
   for p in pieces + [[]]:
-    if isinstance(p, tuple):  # text; an answer only ever joins the formatter's own "assistant\n" before it
+    if isinstance(p, tuple):  # text; at inference an answer joins the formatter's own "assistant\n" before it
+      if training and p[1]:
+        flush()
       text, grounded = text + p[0], grounded or p[1]
       continue
-    if text:
-      ids += tok.encode(text, allowed_special=trusted if grounded else set())
-      text, grounded = "", False
+    target = grounded and training  # the <|im_end|> right after an answer is a target too
+    flush()
     ids += [int(i) for i in p]
-  return ids
+    mask += [int(target)] * len(p)
+  return Tokenized(ids, mask)
 
 
-__all__ = ["DEFAULT_SYSTEM", "ENDOFTEXT", "FormatError", "Tokenized", "chatml_ids", "format_chat", "format_pretrain",
-           "format_text", "image_prompt", "make_context", "normalize_roles", "split_media_prefix", "video_prompt"]
+__all__ = ["DEFAULT_SYSTEM", "ENDOFTEXT", "FormatError", "Tokenized", "chatml_ids", "chatml_sample", "format_chat",
+           "format_pretrain", "format_text", "image_prompt", "make_context", "normalize_roles", "split_media_prefix",
+           "video_prompt"]

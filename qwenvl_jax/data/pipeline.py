@@ -1,4 +1,4 @@
-"""The Grain input pipeline: source -> seeded shuffle -> per-host shard -> encode -> pack (best fit, see packing.py) -> batch.
+"""The Grain input pipeline: source -> seeded shuffle -> per-host shard -> encode -> pack (packing.py) -> batch.
 
 Records (the common format of `qwenvl_jax.data.shapes` / `jsonl` / `tfds_sources`) are encoded into token ids,
 a loss mask, a task id per token and preprocessed images; several samples are packed first-fit into rows of
@@ -12,7 +12,8 @@ a loss mask, a task id per token and preprocessed images; several samples are pa
 Samples that fail (unreadable image, too long under the 'drop' policy, too many images) are skipped with a
 warning naming the record and counted; `strict=True` raises instead. Counts are logged after each epoch's worth
 of samples and at the end of the data.
-The iterator state is checkpointable (`get_state` / `set_state`).
+The iterator state is checkpointable (`get_state` / `set_state`). Families whose images keep their own resolution
+(Qwen2-VL) bring their own sample encoder and pack on two budgets (`build_patch_dataset`, `patch_packing.py`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from qwenvl_jax.data.conversation import (
 from qwenvl_jax.data.images import ImageError, preprocess_image
 from qwenvl_jax.data.jsonl import image_refs
 from qwenvl_jax.data.packing import WindowPackIterDataset
+from qwenvl_jax.data.patch_packing import PatchPackIterDataset
 from qwenvl_jax.data.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger("qwenvl_jax.data")
@@ -166,11 +168,10 @@ def _to_batch_row(x: dict) -> dict:
           "image_mask": x["images_segment_ids"] > 0}
 
 
-def build_dataset(source, tokenizer: Tokenizer, cfg: DataConfig, *, seed: int = 0, num_epochs: int | None = 1,
-                  shuffle: bool = True, process_index: int | None = None, process_count: int | None = None,
-                  encoder: SampleEncoder | None = None) -> grain.IterDataset:
-  """The whole pipeline as a Grain IterDataset of packed batches (see the module docstring)."""
-  encoder = encoder or SampleEncoder(tokenizer, cfg)
+def encoded_samples(source, encoder, cfg: DataConfig, *, seed: int = 0, num_epochs: int | None = 1,
+                    shuffle: bool = True, process_index: int | None = None,
+                    process_count: int | None = None) -> grain.IterDataset:
+  """source -> seeded shuffle -> this host's share -> encoder (failed samples dropped) as a Grain IterDataset."""
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   ds = grain.MapDataset.source(source)
@@ -180,7 +181,16 @@ def build_dataset(source, tokenizer: Tokenizer, cfg: DataConfig, *, seed: int = 
   encoder.epoch_size = len(ds)
   ds = ds.repeat(num_epochs) if num_epochs != 1 else ds
   ds = ds.map(encoder).filter(lambda x: x is not None)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=4 * cfg.num_threads))
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=4 * cfg.num_threads))
+
+
+def build_dataset(source, tokenizer: Tokenizer, cfg: DataConfig, *, seed: int = 0, num_epochs: int | None = 1,
+                  shuffle: bool = True, process_index: int | None = None, process_count: int | None = None,
+                  encoder: SampleEncoder | None = None) -> grain.IterDataset:
+  """The whole pipeline as a Grain IterDataset of packed batches (see the module docstring)."""
+  encoder = encoder or SampleEncoder(tokenizer, cfg)
+  it = encoded_samples(source, encoder, cfg, seed=seed, num_epochs=num_epochs, shuffle=shuffle,
+                       process_index=process_index, process_count=process_count)
   L = cfg.seq_len
   if cfg.packer == "window":
     it = WindowPackIterDataset(it, seq_len=L, max_images=cfg.max_images, lookahead=cfg.packing_window, seed=seed,
@@ -189,6 +199,16 @@ def build_dataset(source, tokenizer: Tokenizer, cfg: DataConfig, *, seed: int = 
     it = FirstFitPackIterDataset(it, length_struct={"ids": L, "loss_mask": L, "task": L, "images": cfg.max_images},
                                  num_packing_bins=cfg.packing_bins, seed=seed, shuffle_bins=shuffle)
   return it.map(_to_batch_row).batch(cfg.batch_size, drop_remainder=True)
+
+
+def build_patch_dataset(source, encoder, cfg: DataConfig, *, patch_budget: int, patch_dim: int, merge: int,
+                        seed: int = 0, **kw) -> grain.IterDataset:
+  """Any-resolution samples (a family's encoder, e.g. Qwen2-VL's) packed on tokens per row and patches per batch
+  (`patch_packing.py`): an IterDataset of whole batches of `cfg.batch_size` rows."""
+  it = encoded_samples(source, encoder, cfg, seed=seed, **kw)
+  return PatchPackIterDataset(it, batch_size=cfg.batch_size, seq_len=cfg.seq_len, patch_budget=patch_budget,
+                              patch_dim=patch_dim, merge=merge, lookahead=cfg.packing_window, seed=seed,
+                              shuffle=kw.get("shuffle", True))
 
 
 class DataPipeline:

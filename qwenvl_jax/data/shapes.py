@@ -329,12 +329,17 @@ def _text(rng: np.random.Generator) -> tuple[list, list, list]:
   return [], [qa], []
 
 
-def _make(split: str, index: int, seed: int, image_size: int, names: tuple[str, ...], cum: np.ndarray,
+def _make(split: str, index: int, seed: int, image_size: int | tuple[int, int], names: tuple[str, ...], cum: np.ndarray,
           task: str | None) -> dict[str, Any]:
   if split not in SPLIT_IDS:
     raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
   if index < 0:
     raise ValueError(f"index must be >= 0, got {index}")
+  if isinstance(image_size, tuple):  # a side drawn per record, from its own stream (the scenes stay the same)
+    lo, hi = image_size
+    if not MIN_IMAGE_SIZE <= lo <= hi:
+      raise ValueError(f"image_size range must satisfy {MIN_IMAGE_SIZE} <= low <= high, got {image_size}")
+    image_size = int(np.random.default_rng([seed, SPLIT_IDS[split], index, 1]).integers(lo, hi + 1))
   if image_size < MIN_IMAGE_SIZE:
     raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
   rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
@@ -382,13 +387,15 @@ class ShapesSource:
   """Random-access data source (Grain `RandomAccessDataSource` protocol) over `generate`."""
 
   def __init__(self, split: str = "train", num_records: int | None = None, seed: int = 0,
-               image_size: int = DEFAULT_IMAGE_SIZE, mix: Mapping[str, float] | Sequence[str] | None = None):
+               image_size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE,
+               mix: Mapping[str, float] | Sequence[str] | None = None):
     if split not in SPLIT_IDS:
       raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
     self.split = split
     self.num_records = SPLIT_SIZES[split] if num_records is None else int(num_records)
     self.seed = int(seed)
-    self.image_size = int(image_size)
+    # one side for every image, or a (low, high) range: each record draws its side (any-resolution families)
+    self.image_size = tuple(int(x) for x in image_size) if isinstance(image_size, (tuple, list)) else int(image_size)
     self.mix = dict(mix) if isinstance(mix, Mapping) else (tuple(mix) if mix is not None else None)
     self._names, self._cum = resolve_mix(self.mix)
 

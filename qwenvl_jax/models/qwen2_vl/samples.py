@@ -1,0 +1,139 @@
+"""Qwen2-VL training samples: a record (the common format of the data sources) -> ids, targets, M-RoPE positions
+and the patches of its images and videos at their own resolution (naive dynamic resolution).
+
+    encoder = Qwen2VLSampleEncoder(tokenizer, model_cfg, processor, DataConfig(seq_len=..., ...), patch_budget=...)
+    sample = encoder(record)     # dict for `data.patch_packing`, or None (skipped with a warning, counted)
+
+Layout and targets: `data.conversation.chatml_sample` (answers and their `<|im_end|>` are the targets). A user turn
+starting with `Picture k: <img>name</img>\\n` / `Video k: <video>name</video>\\n` lines gets one
+`<|vision_start|><|image_pad|>*n<|vision_end|>` block per image (n from the image's grid after `smart_resize`
+between the processor's min_pixels and max_pixels), then its text. Grounding written the Qwen-VL way in the data
+(`<ref>..</ref><box>(x1,y1),(x2,y2)</box>`, coordinates in [0, 1000) as in Qwen2-VL) becomes Qwen2-VL's tokens
+(`<|object_ref_start|>..<|object_ref_end|><|box_start|>..<|box_end|>`). Positions are each sample's own
+(`positions.rope_index` over the sample alone), so packing never changes them.
+
+Skipped (or raised with strict=True): an unreadable image or video, an aspect ratio beyond 200:1, a sample longer
+than seq_len (visual tokens are never cut) or with more patches than the batch's patch budget.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from qwenvl_jax.data.conversation import FormatError, chatml_sample, normalize_roles, split_media_prefix
+from qwenvl_jax.data.hf_tokenizer import BOX_END, BOX_START, GROUNDING_TOKENS, OBJECT_REF_END, OBJECT_REF_START
+from qwenvl_jax.data.images import ImageError
+from qwenvl_jax.data.pipeline import DataConfig, SampleEncoder
+from qwenvl_jax.data.tokenizer import TokenizerError
+from qwenvl_jax.models.qwen2_vl.inputs import vision_block
+from qwenvl_jax.models.qwen2_vl.positions import patch_positions, rope_index
+
+QWEN_VL_GROUNDING = {"<ref>": OBJECT_REF_START, "</ref>": OBJECT_REF_END, "<box>": BOX_START, "</box>": BOX_END}
+_TAG = re.compile("|".join(map(re.escape, QWEN_VL_GROUNDING)))
+
+
+def qwen2_grounding(text: str) -> str:
+  """Qwen-VL grounding tags -> Qwen2-VL's (the coordinates are the same [0, 1000) integers)."""
+  return _TAG.sub(lambda m: QWEN_VL_GROUNDING[m.group()], text)
+
+
+class Qwen2VLSampleEncoder(SampleEncoder):
+  """record -> sample dict (see `data.patch_packing`) or None. Thread-safe counters (SampleEncoder's)."""
+
+  def __init__(self, tokenizer, model_cfg, processor, cfg: DataConfig, patch_budget: int):
+    super().__init__(tokenizer, cfg)
+    self.model_cfg, self.proc, self.patch_budget = model_cfg, processor, int(patch_budget)
+    self._grounding = {t: tokenizer.special_id(t) for t in GROUNDING_TOKENS if t in tokenizer.special_ids}
+
+  def _user_parts(self, text: str) -> list:
+    """User text with grounding tags as their special ids (data files are trusted; chat input never is)."""
+    parts, end = [], 0
+    for m in _TAG.finditer(text):
+      token = QWEN_VL_GROUNDING[m.group()]
+      if token not in self._grounding:
+        continue
+      parts += [text[end:m.start()], [self._grounding[token]]]
+      end = m.end()
+    return parts + [text[end:]]
+
+  def _media(self, record: dict, kind: str, ref: str):
+    where = f"{record.get('id', '?')}:{ref}"
+    table = record.get("images" if kind == "image" else "videos") or {}
+    if ref not in table:
+      raise ImageError(where, f"no {kind} named {ref!r} in the record")
+    try:
+      if kind == "image":
+        return self.proc.preprocess_image(table[ref], name=where)
+      return self.proc.preprocess_video(table[ref], name=where)
+    except ImageError:
+      raise
+    except ValueError as e:  # smart_resize: no area, aspect ratio beyond 200:1
+      raise ImageError(where, str(e)) from None
+
+  def encode(self, record: dict) -> dict:
+    """The sample of one record; FormatError / ImageError / TokenizerError / ValueError name what is wrong."""
+    cfg, m = self.model_cfg, self.model_cfg.vision.spatial_merge_size
+    where = record.get("source", record.get("id", "sample"))
+    turns, media = [], {"image": [], "video": []}
+    conv = normalize_roles(record["conversations"], where)
+    for k in range(0, len(conv), 2):
+      (role, question), answer = conv[k], (conv[k + 1][1] if k + 1 < len(conv) else None)
+      if role != "user" or (k + 1 < len(conv) and conv[k + 1][0] != "assistant"):
+        raise FormatError(f"{where}: turns must alternate user, assistant")
+      if answer is None:
+        raise FormatError(f"{where}: the last user turn has no answer")
+      refs, text = split_media_prefix(question)
+      parts: list = []
+      for kind, ref in refs:
+        patches, grid = self._media(record, kind, ref)
+        media[kind].append((patches, grid))
+        parts.append(vision_block(cfg, self.proc.tokens(grid), video=kind == "video"))
+      turns.append((parts + self._user_parts(text), qwen2_grounding(answer)))
+    t = chatml_sample(self.tok, turns, self.cfg.system)
+    ids = np.asarray(t.ids, np.int32)
+    if len(ids) > self.cfg.seq_len:
+      raise _TooLong(f"{len(ids)} tokens > seq_len {self.cfg.seq_len}")
+    n_patches = sum(len(p) for kind in media for p, _ in media[kind])
+    if n_patches > self.patch_budget:
+      raise _TooLong(f"{n_patches} patches > patch_budget {self.patch_budget}")
+    grids = {kind: np.asarray([g for _, g in media[kind]], np.int64).reshape(-1, 3) for kind in media}
+    positions, _ = rope_index(ids[None], np.ones((1, len(ids)), np.int32), grids["image"], grids["video"],
+                              image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id, merge=m,
+                              rule=cfg.position_rule)
+    sample = {"ids": ids, "loss_mask": np.asarray(t.loss_mask, np.int32),
+              "task": np.full(len(ids), self._task_index.get(record.get("task"), 0), np.int32),
+              "positions": positions[:, 0]}
+    for kind in media:
+      rows_cols, segments = patch_positions(grids[kind], m)
+      sample[f"{kind}_patches"] = (np.concatenate([p for p, _ in media[kind]]) if media[kind]
+                                   else np.zeros((0, self.proc.patch_dim), np.float32))
+      sample[f"{kind}_rows_cols"], sample[f"{kind}_segments"] = rows_cols, segments
+      sample[f"{kind}_grid_thw"] = grids[kind]
+    return sample
+
+  def __call__(self, record: dict):
+    try:
+      sample = self.encode(record)
+    except _TooLong as e:
+      if self.cfg.strict:
+        raise ValueError(f"{record.get('id')}: {e}") from None
+      self._count("dropped_too_long", record, str(e))
+      return None
+    except ImageError as e:
+      if self.cfg.strict:
+        raise
+      self._count("bad_image", record, str(e))
+      return None
+    except (FormatError, TokenizerError, KeyError, IndexError, TypeError) as e:
+      if self.cfg.strict:
+        raise
+      self._count("bad_record", record, f"{type(e).__name__}: {e}")
+      return None
+    self._count("ok")
+    return sample
+
+
+class _TooLong(ValueError):
+  """A sample beyond the row's tokens or the batch's patches (never cut: its visual tokens would be lost)."""
