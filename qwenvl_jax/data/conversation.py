@@ -8,8 +8,9 @@ tokens before it). Chat samples (stages 2-3):
     <|im_start|>assistant\\n{content}<|im_end|>\\n        targets: <|im_start|>, {content}, <|im_end|>, \\n
 
 Every piece is tokenised on its own (role, "\\n", content), exactly as the official recipe does, so the ids match
-what the released models were trained on. Pre-training samples (stage 1): `<img>ref</img>{caption}<|endoftext|>`
-with the caption and `<|endoftext|>` as targets. Images are written `Picture N: <img>ref</img>\\n` in user turns.
+what the released models were trained on; one deliberate difference: ChatML tokens and `<|endoftext|>` written
+inside content are encoded as text, not as the special ids (image and grounding tags stay markup). Pre-training
+samples (stage 1): `<img>ref</img>{caption}<|endoftext|>` with the caption and `<|endoftext|>` as targets. Images are written `Picture N: <img>ref</img>\\n` in user turns.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from qwenvl_jax.data.hf_tokenizer import GROUNDING_TOKENS
 from qwenvl_jax.data.tokenizer import ENDOFTEXT, IM_END, IM_START, IMAGE_ST, Tokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
+CONTENT_SPECIAL = frozenset(IMAGE_ST)  # special forms that are markup inside turn content (images, grounding)
 ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 
 
@@ -87,7 +89,9 @@ def format_chat(tok: Tokenizer, conversations, system: str = DEFAULT_SYSTEM, whe
   mask = [1] + [0] * (len(ids) - 3) + [1] * (1 + len(nl))
   for role, text in normalize_roles(conversations, where):
     role_ids = tok.encode(IM_START + role)  # [<|im_start|>, role]
-    content = tok.encode(text)
+    # content: image and grounding tags are markup; ChatML and <|endoftext|> written in the text stay text, so
+    # a turn cannot open another turn (the official code would read them as the special ids)
+    content = tok.encode(text, allowed_special=CONTENT_SPECIAL)
     turn = role_ids + nl + content + [tok.im_end_id] + nl
     if role == "user":
       turn_mask = [1] + [0] * (len(turn) - 1 - 1 - len(nl)) + [1] * (1 + len(nl))
@@ -104,13 +108,13 @@ def format_pretrain(tok: Tokenizer, image_refs, caption: str) -> Tokenized:
   for ref in image_refs:
     ids += tok.image_ids(ref)
   prefix = len(ids)
-  ids += tok.encode(caption) + [tok.eod_id]
+  ids += tok.encode(caption, allowed_special=CONTENT_SPECIAL) + [tok.eod_id]
   return Tokenized(ids, [0] * prefix + [1] * (len(ids) - prefix))
 
 
 def format_text(tok: Tokenizer, text: str) -> Tokenized:
   """A plain text document: every token and <|endoftext|> are targets."""
-  ids = tok.encode(text) + [tok.eod_id]
+  ids = tok.encode(text, allowed_special=CONTENT_SPECIAL) + [tok.eod_id]
   return Tokenized(ids, [1] * len(ids))
 
 
