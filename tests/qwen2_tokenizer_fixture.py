@@ -24,3 +24,26 @@ def build(path: str) -> str:
   assert tok.token_to_id("<|vision_start|>") == 480 and tok.token_to_id("<|endoftext|>") == 485
   tok.save(path)
   return path
+
+
+# Qwen2 / Qwen2-VL's added tokens, in id order from 151643 (the ids Qwen2-VL's config.json names: vision_start
+# 151652, image_pad 151655, video_pad 151656)
+QWEN2_VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def build_from_tiktoken(path: str) -> str:
+  """A Qwen2-VL-style tokenizer.json from Qwen's `qwen.tiktoken` (the `dashscope` wheel ships it; Qwen2 kept the
+  same 151,643 byte-level BPE ranks): transformers' TikTokenConverter with Qwen's pre-tokenisation pattern (single
+  digits), NFC normalisation as Qwen2's file has, and the Qwen2-VL special tokens."""
+  from tokenizers import normalizers
+  from transformers.convert_slow_tokenizer import TikTokenConverter
+
+  from qwenvl_jax.data.tokenizer import QWEN_PATTERN, default_qwen_vocab
+  tok = TikTokenConverter(vocab_file=default_qwen_vocab(), pattern=QWEN_PATTERN,
+                          extra_special_tokens=QWEN2_VL_SPECIALS).converted()
+  tok.normalizer = normalizers.NFC()
+  assert tok.token_to_id("<|endoftext|>") == 151643 and tok.token_to_id("<|image_pad|>") == 151655
+  tok.save(path)
+  return path

@@ -108,3 +108,23 @@ def test_errors_are_one_line(tok_file, tmp_path):
   with pytest.raises(FileNotFoundError) as e:
     qv.load_tokenizer(str(tmp_path / "empty"))
   assert "tokenizer.json" in _one_line(e)
+
+
+def test_qwen2_vl_tokenizer_from_qwen_tiktoken_matches_the_qwen_bpe(tmp_path):
+  """The tokenizer.json built from qwen.tiktoken (Qwen2 kept Qwen's BPE) encodes text exactly as the tiktoken Qwen
+  tokenizer does, and carries the special tokens at the ids Qwen2-VL's config.json uses."""
+  from qwen2_tokenizer_fixture import build_from_tiktoken
+
+  from qwenvl_jax.data.shapes import text_corpus
+  from qwenvl_jax.data.tokenizer import default_qwen_vocab
+  tok = HFTokenizer(build_from_tiktoken(str(tmp_path / "tokenizer.json")))
+  ref = QwenTokenizer(default_qwen_vocab())
+  assert (tok.eod_id, tok.im_start_id, tok.im_end_id) == (151643, 151644, 151645)
+  assert (tok.ref_start_id, tok.box_start_id, tok.vision_start_id, tok.image_pad_id, tok.video_pad_id) == (
+      151646, 151648, 151652, 151655, 151656)
+  texts = list(text_corpus(200)) + ["  two spaces\n\nand lines\t(12,34),(56,78) 2024-12-03",
+                                    "caf\u00e9 \u732b\u306f\u304b\u308f\u3044\u3044 \U0001f408 <b>x</b> it's 3.14159"]
+  for text in texts:
+    assert tok.encode(text) == ref.encode(text, allowed_special=set()), text
+    assert tok.decode(tok.encode(text)) == text
+  assert tok.encode("<|im_start|>") != [151644]  # user text stays text
