@@ -34,6 +34,8 @@ import numpy as np
 
 TOKEN_KEYS = ("ids", "loss_mask", "task")
 MEDIA = ("image", "video")
+VISION_KEYS = ("vision_rows_cols", "vision_segments", "n_image_tokens")  # with pixel_values: no batch axis
+BATCH_KEYS = ("input_ids", "segment_ids", "loss_mask", "task_ids", "positions", "pixel_values") + VISION_KEYS
 FULL = 0.9  # a batch with either budget this full needs no refill
 
 

@@ -19,9 +19,14 @@ import re
 
 import numpy as np
 
-from qwenvl_jax.data.conversation import (DEFAULT_SYSTEM, chatml_ids, image_prompt, make_context, split_media_prefix,
-                                          video_prompt)
-from qwenvl_jax.data.hf_tokenizer import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from qwenvl_jax.data.conversation import (
+  DEFAULT_SYSTEM,
+  chatml_ids,
+  image_prompt,
+  make_context,
+  split_media_prefix,
+  video_prompt,
+)
 
 _IMG = re.compile(r"<img>(.*?)</img>", re.S)
 _VID = re.compile(r"<video>(.*?)</video>", re.S)
@@ -51,22 +56,11 @@ def _span_prompt(model, tokenizer, query, history, system, known) -> tuple[list[
   return ids, {"pixel_values": pixels}
 
 
-def _check_vision_ids(cfg, tokenizer) -> None:
-  """The placeholder ids come from config.json; a tokenizer that disagrees belongs to another model."""
-  want = {VISION_START: cfg.vision_start_token_id, VISION_END: cfg.vision_end_token_id,
-          IMAGE_PAD: cfg.image_token_id, VIDEO_PAD: cfg.video_token_id}
-  have = getattr(tokenizer, "special_ids", {})
-  for token, i in want.items():
-    if have.get(token, i) != i:
-      raise ValueError(f"tokenizer {getattr(tokenizer, 'path', '')} has {token} = {have[token]} but the model's "
-                       f"config.json says {i}: not this model's tokenizer")
-
-
 def _placeholder_prompt(model, tokenizer, query, history, system, known) -> tuple[list[int], dict]:
   """Qwen2-VL: ChatML with a placeholder block per image / video; patches and grids of every image and of every
   video of the conversation, each kind in prompt order."""
   cfg, proc = model.config, model.processor()
-  _check_vision_ids(cfg, tokenizer)
+  model.family.inputs.check_tokenizer(cfg, tokenizer)
   turns, seen = [], {"image": [], "video": []}
   for q, answer in list(history) + [(query, None)]:
     media, text = split_media_prefix(q)

@@ -37,6 +37,9 @@ class Family:
   image_flops: Callable[[Any, Any], float]     # (cfg, processor) -> forward FLOPs of one image's vision path
   inputs: Any                                  # module: host-side model inputs (models/<family>/inputs.py)
   hf_key_alias: Callable[[str], str] = lambda k: k   # HF key as written by other tools -> the canonical key
+  # any-resolution families: (tokenizer, cfg, processor, DataConfig, patch_budget) -> sample encoder whose samples
+  # are packed on tokens and patches (data/patch_packing.py); None: fixed image spans (data/pipeline.py)
+  sample_encoder: Callable[..., Any] | None = None
 
   def get_config(self, name, **overrides):
     if isinstance(name, self.config_class):

@@ -25,7 +25,10 @@ def base_config() -> ml_collections.ConfigDict:
       num_records=0,         # shapes: records per epoch (0 = the split size)
       mix="",                # shapes: task weights "caption=2,ocr=1,..." (tasks left out get 0; "" = default mix)
       mode="chat", seq_len=2048, image_size=448, max_images=8, batch_size=8, truncation="truncate",
-      strict=False, num_threads=2, packing_window=512))
+      strict=False, num_threads=2, packing_window=512,
+      # any-resolution families (Qwen2-VL): ViT patches per batch, the processor's pixel range (0: the family's
+      # default), and shapes image sides "low,high" drawn per record ("": image_size for every image)
+      patch_budget=0, min_pixels=0, max_pixels=0, image_sides=""))
   c.optim = ml_collections.ConfigDict(dict(
       lr=5e-5, min_lr=1e-5, warmup_steps=400, total_steps=10_000, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.05,
       clip_norm=1.0, layer_decay=0.95, freeze=STAGE_FREEZE["stage2"], z_loss=0.0, grad_accum=1, loss_chunk=512,
@@ -102,6 +105,14 @@ def validate(c: ml_collections.ConfigDict, dry_run: bool = False) -> None:
     except ValueError as e:
       need(False, f"data.mix: {e}")
   need(c.data.seq_len > 0 and c.data.batch_size > 0, "data.seq_len and data.batch_size must be positive")
+  if registry.family_of(registry.get_config(c.model.name)).sample_encoder is not None:
+    need(c.data.patch_budget > 0, f"data.patch_budget must be positive for {c.model.name} (ViT patches per batch)")
+    need(c.optim.grad_accum == 1, "optim.grad_accum > 1 is not supported with any-resolution batches yet")
+  if c.data.image_sides:
+    try:
+      lo, hi = (int(x) for x in c.data.image_sides.split(","))
+    except ValueError:
+      need(False, f"data.image_sides {c.data.image_sides!r}: expected 'low,high' pixels")
   need(c.data.batch_size % c.optim.grad_accum == 0, "data.batch_size must be a multiple of optim.grad_accum")
   need(c.optim.total_steps > 0 and 0 <= c.optim.warmup_steps, "optim.total_steps > 0, optim.warmup_steps >= 0")
   need(c.optim.lr > 0 and 0 <= c.optim.min_lr <= c.optim.lr, "optim.lr > 0 and 0 <= optim.min_lr <= optim.lr")

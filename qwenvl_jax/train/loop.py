@@ -19,7 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from qwenvl_jax.convert import checkpoint as model_checkpoint
 from qwenvl_jax.convert import loader
 from qwenvl_jax.convert.loader import model_config
-from qwenvl_jax.data.pipeline import DataConfig, DataPipeline
+from qwenvl_jax.data.patch_packing import BATCH_KEYS, VISION_KEYS
+from qwenvl_jax.data.pipeline import DataConfig, DataPipeline, build_patch_dataset
 from qwenvl_jax.data.tokenizer import load_tokenizer
 from qwenvl_jax.models import registry
 from qwenvl_jax.sharding import LOGICAL_RULES, make_mesh
@@ -46,10 +47,19 @@ def optimizer(c, cfg):
                         vision_lr_scale=o.vision_lr_scale, freeze=tuple(o.freeze))
 
 
+def any_resolution(cfg) -> bool:
+  """Whether the family's images keep their own size (packed on tokens and patches) rather than fixed spans."""
+  return registry.family_of(cfg).sample_encoder is not None
+
+
 def processor_for(c, cfg):
-  """The family's processor at the stage's resolution (e.g. 224 px in stage 1): the one home of image size and
-  image tokens per image for the tokenizer, the data pipeline and the FLOP count."""
-  return registry.family_of(cfg).processor(cfg, image_size=c.data.image_size)
+  """The family's processor at the stage's resolution (e.g. 224 px in stage 1; any-resolution families: the pixel
+  range): the one home of image size and image tokens per image for the tokenizer, the data and the FLOP count."""
+  fam = registry.family_of(cfg)
+  if any_resolution(cfg):
+    return fam.processor(cfg, **{k: v for k, v in (("min_pixels", c.data.min_pixels),
+                                                   ("max_pixels", c.data.max_pixels)) if v})
+  return fam.processor(cfg, image_size=c.data.image_size)
 
 
 def mesh_from(c, devices=None):
@@ -58,6 +68,10 @@ def mesh_from(c, devices=None):
 
 def tokenizer_for(c, cfg, workdir: str):
   """The configured tokenizer; 'shapes' trains the demo SentencePiece once and keeps it with the run."""
+  if any_resolution(cfg):
+    if c.data.tokenizer == "shapes":
+      raise ValueError(f"{c.model.name} needs its tokenizer.json: set data.tokenizer to the file or its folder")
+    return load_tokenizer(c.data.tokenizer)  # the family's sample encoder checks its ids against the config
   span = processor_for(c, cfg).fixed_image_tokens
   if c.data.tokenizer == "shapes":
     from qwenvl_jax.data.shapes import train_tokenizer
@@ -86,7 +100,8 @@ def data_source(c, split: str = "train"):
   if d.source == "shapes":
     from qwenvl_jax.data.shapes import ShapesSource
     from qwenvl_jax.train.config import parse_mix
-    return ShapesSource(split, d.num_records or None, seed=c.seed, image_size=d.image_size, mix=parse_mix(d.mix))
+    size = tuple(int(x) for x in d.image_sides.split(",")) if d.image_sides else d.image_size
+    return ShapesSource(split, d.num_records or None, seed=c.seed, image_size=size, mix=parse_mix(d.mix))
   if d.source == "jsonl":
     from qwenvl_jax.data.jsonl import JsonlSource
     return JsonlSource(d.path, image_root=d.image_root or None, strict=d.strict)
@@ -98,6 +113,16 @@ def data_pipeline(c, tok, processor, seed_offset: int = 0):
   from qwenvl_jax.data.shapes import TASKS
   d = c.data
   per_host = d.batch_size // jax.process_count()
+  cfg = model_config(c)
+  if any_resolution(cfg):
+    if jax.process_count() > 1:  # segment ids and the image-then-video order are per host so far
+      raise ValueError(f"{c.model.name}: any-resolution batches train on one host (process) so far")
+    dcfg = DataConfig(seq_len=d.seq_len, batch_size=per_host, strict=d.strict, num_threads=d.num_threads,
+                      packing_window=d.packing_window, task_names=TASKS)
+    encoder = registry.family_of(cfg).sample_encoder(tok, cfg, processor, dcfg, d.patch_budget)
+    return build_patch_dataset(data_source(c), encoder, dcfg, patch_budget=d.patch_budget,
+                               patch_dim=processor.patch_dim, merge=processor.merge_size, seed=c.seed + seed_offset,
+                               num_epochs=None), TASKS
   dcfg = DataConfig(seq_len=d.seq_len, max_images=d.max_images, image_size=processor.image_size, batch_size=per_host,
                     mode=d.mode, truncation=d.truncation, strict=d.strict, num_threads=d.num_threads,
                     packing_window=d.packing_window, task_names=TASKS)
@@ -196,6 +221,9 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
   opts = StepOptions(grad_accum=c.optim.grad_accum, loss_chunk=c.optim.loss_chunk, z_loss=c.optim.z_loss,
                      skip_nonfinite=c.nonfinite == "skip", num_tasks=len(tasks))
   batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+  if any_resolution(cfg):  # the batch's packed patches have no batch axis: every device sees them all
+    batch_sharding = {k: NamedSharding(mesh, PartitionSpec()) if k in ("pixel_values",) + VISION_KEYS
+                      else batch_sharding for k in BATCH_KEYS}
   model = registry.family_of(cfg).module(cfg)
   step_fn = jax.jit(lambda s, b: train_step(s, b, model=model, tx=tx, schedule=sched, opts=opts),
                     in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
@@ -204,7 +232,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
   writer = _tb_writer(c, workdir, purge_step=start + 1) if primary else None
   total = c.optim.total_steps
-  flops = flops_per_step(cfg, c.data.batch_size, c.data.seq_len, c.data.batch_size * c.data.max_images, processor)
+  flops = flops_per_step(cfg, c.data.batch_size, c.data.seq_len, _images_per_step(c, cfg, processor), processor)
   peak = (c.peak_flops or measure_matmul_peak()) * jax.device_count()
   bar = _progress(start, total) if (primary and c.log.progress) else None
   window = {"loss": 0.0, "n": 0, "steps": 0, "tokens": 0.0, "time": time.perf_counter(),
@@ -291,6 +319,16 @@ class _Trace:
 def _logical_rules():
   import flax.linen as nn
   return nn.logical_axis_rules(LOGICAL_RULES)
+
+
+def _images_per_step(c, cfg, processor) -> float:
+  """Images the vision FLOPs count: the image slots of fixed-span families; for any-resolution ones the patch
+  budget in images of the largest size (an approximation: attention cost is not linear in patches)."""
+  if not any_resolution(cfg):
+    return c.data.batch_size * c.data.max_images
+  side = int(processor.max_pixels ** 0.5)
+  _, h, w = processor.image_grid(side, side)
+  return c.data.patch_budget / (h * w)
 
 
 def _global_batch(local: dict, sharding) -> dict:

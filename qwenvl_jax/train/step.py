@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qwenvl_jax.data.patch_packing import VISION_KEYS
 from qwenvl_jax.models import registry
 from qwenvl_jax.train.loss import chunked_token_losses, next_token_targets
 
@@ -34,8 +35,13 @@ class StepOptions:
 def _loss_sums(model, params, batch: dict, opts: StepOptions):
   """-> (objective sum, (ce sum, weight sum, per-task ce sums, per-task weights))."""
   seg = batch["segment_ids"]
-  hidden = model.apply({"params": params}, batch["input_ids"], attention_mask=seg > 0, positions=batch["positions"],
-                       segment_ids=seg, pixel_values=batch.get("pixel_values"), inference=False, return_hidden=True)
+  positions = batch["positions"]
+  if positions.ndim == 3:  # M-RoPE ids travel batch-major [B, 3, L]; the model takes [3, B, L]
+    positions = positions.transpose(1, 0, 2)
+  vision = {k: batch[k] for k in VISION_KEYS if k in batch}  # any-resolution: the batch's packed patches
+  hidden = model.apply({"params": params}, batch["input_ids"], attention_mask=seg > 0, positions=positions,
+                       segment_ids=seg, pixel_values=batch.get("pixel_values"), inference=False, return_hidden=True,
+                       **vision)
   targets, w = next_token_targets(batch["input_ids"], batch["loss_mask"], seg)
   ce, lse = chunked_token_losses(hidden, output_kernel(params), targets, opts.loss_chunk)
   ce_sum = jnp.sum(ce * w)

@@ -1,6 +1,6 @@
 """Qwen2-VL: any-resolution ViT with 2-D RoPE (images and videos) -> 2x2 patch merger -> Qwen2 with M-RoPE."""
 
-from qwenvl_jax.models.qwen2_vl import config, inputs, model, params, processor
+from qwenvl_jax.models.qwen2_vl import config, inputs, model, params, processor, samples
 from qwenvl_jax.models.registry import Family
 
 FAMILY = Family(
@@ -13,4 +13,4 @@ FAMILY = Family(
     processor=processor.Qwen2VLProcessor.for_config,
     processor_from_pretrained=lambda folder, cfg, **kw: processor.Qwen2VLProcessor.from_pretrained(folder, cfg, **kw),
     param_groups=config.param_groups, image_flops=model.image_flops, inputs=inputs,
-    hf_key_alias=params.hf_key_alias)
+    hf_key_alias=params.hf_key_alias, sample_encoder=samples.Qwen2VLSampleEncoder)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from qwenvl_jax.data.hf_tokenizer import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 from qwenvl_jax.models.qwen2_vl.config import Qwen2VLConfig
 from qwenvl_jax.models.qwen2_vl.positions import patch_positions, rope_index, tokens_of
 
@@ -78,6 +79,17 @@ def prepare(cfg: Qwen2VLConfig, ids: np.ndarray, mask: np.ndarray, **vision) -> 
   positions, _ = rope_index(ids, mask, ig, vg, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
                             merge=cfg.vision.spatial_merge_size, rule=cfg.position_rule)
   return {"positions": jnp.asarray(positions), **kw}
+
+
+def check_tokenizer(cfg: Qwen2VLConfig, tokenizer) -> None:
+  """The placeholder ids come from config.json; a tokenizer that disagrees belongs to another model."""
+  want = {VISION_START: cfg.vision_start_token_id, VISION_END: cfg.vision_end_token_id,
+          IMAGE_PAD: cfg.image_token_id, VIDEO_PAD: cfg.video_token_id}
+  have = getattr(tokenizer, "special_ids", {})
+  for token, i in want.items():
+    if have.get(token, i) != i:
+      raise ValueError(f"tokenizer {getattr(tokenizer, 'path', '')} has {token} = {have[token]} but the model's "
+                       f"config.json says {i}: not this model's tokenizer")
 
 
 def vision_block(cfg: Qwen2VLConfig, n_tokens: int, video: bool = False) -> list[int]:

@@ -27,7 +27,7 @@ from qwenvl_jax.data.hf_tokenizer import BOX_END, BOX_START, GROUNDING_TOKENS, O
 from qwenvl_jax.data.images import ImageError
 from qwenvl_jax.data.pipeline import DataConfig, SampleEncoder
 from qwenvl_jax.data.tokenizer import TokenizerError
-from qwenvl_jax.models.qwen2_vl.inputs import vision_block
+from qwenvl_jax.models.qwen2_vl.inputs import check_tokenizer, vision_block
 from qwenvl_jax.models.qwen2_vl.positions import patch_positions, rope_index
 
 QWEN_VL_GROUNDING = {"<ref>": OBJECT_REF_START, "</ref>": OBJECT_REF_END, "<box>": BOX_START, "</box>": BOX_END}
@@ -44,6 +44,7 @@ class Qwen2VLSampleEncoder(SampleEncoder):
 
   def __init__(self, tokenizer, model_cfg, processor, cfg: DataConfig, patch_budget: int):
     super().__init__(tokenizer, cfg)
+    check_tokenizer(model_cfg, tokenizer)
     self.model_cfg, self.proc, self.patch_budget = model_cfg, processor, int(patch_budget)
     self._grounding = {t: tokenizer.special_id(t) for t in GROUNDING_TOKENS if t in tokenizer.special_ids}
 
