@@ -1,8 +1,9 @@
 """Distributed training: a sharded mesh and a 2-process (multi-host) run train like one device.
 
 Both tests run subprocesses (tests/train_distributed_worker.py) on fake CPU devices (XLA_FLAGS is read when jax
-is imported, and jax.distributed needs fresh processes). The multi-host test drives the real entry point train.py:
-2 processes x 2 CPU devices, a localhost coordinator, jax 0.10.2's default CPU collectives (gloo), one global
+is imported, and jax.distributed needs fresh processes). The multi-host test drives the real entry point train.py
+through the launcher (`python -m qwenvl_jax.train.launch --local 2`): 2 processes x 2 CPU devices, a localhost
+coordinator, jax 0.10.2's default CPU collectives (gloo), one global
 (fsdp 2, tensor 2) mesh; each process feeds its half of each global batch.
 
 Measured on jax 0.10.2 / CPU, float32: the (data 2, fsdp 2, tensor 2) mesh and one device give losses within
@@ -15,7 +16,6 @@ Removing the block-boundary sharding constraint in model.py makes the mesh losse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -118,12 +118,6 @@ TINY_CONFIG = textwrap.dedent('''\
 ''')
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _losses(results, process):
   rows = [r for r in results if r.get("process") == process and "loss" in r]
   assert [r["step"] for r in rows] == [1, 2, 3], results
@@ -135,15 +129,20 @@ def test_two_process_train_py_matches_one_process(tmp_path):
   config.write_text(TINY_CONFIG)
   record, workdir = tmp_path / "batches", tmp_path / "multi"
   record.mkdir()
-  port = _free_port()
-  dist = ["--config.distributed.initialize=True", f"--config.distributed.coordinator_address=localhost:{port}",
-          "--config.distributed.num_processes=2"]
-  procs = [_start(["train", "--devices=2", f"--record={record}", "--", f"--config={config}", f"--workdir={workdir}",
-                   *dist, f"--config.distributed.process_id={i}"], tmp_path / f"p{i}.log") for i in range(2)]
-  rcs = _wait_all(procs, timeout=240)
-  outs = [_results(tmp_path / f"p{i}.log") for i in range(2)]
-  for i, rc in enumerate(rcs):
-    assert rc == 0, f"process {i} exited {rc}:\n{outs[i][1][-4000:]}"
+  # started as docs/tpu.md says, through the launcher (it adds the coordinator, process count and ids)
+  log_path = tmp_path / "launch.log"
+  with open(log_path, "w") as log:
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "qwenvl_jax.train.launch", "--local", "2", "--devices-per-process", "2", "--script",
+         WORKER, "--", "train", "--devices=2", f"--record={record}", "--", f"--config={config}",
+         f"--workdir={workdir}"], env=_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    rc = launcher.wait(timeout=300)
+  text = log_path.read_text()
+  assert rc == 0, text[-4000:]
+  outs = []
+  for i in range(2):  # each process's lines carry its [i] prefix
+    own = [ln[len(f"[{i}] "):] for ln in text.splitlines() if ln.startswith(f"[{i}] ")]
+    outs.append(([json.loads(ln[len("RESULT "):]) for ln in own if ln.startswith("RESULT ")], "\n".join(own)))
 
   loss0, gn0, rows0 = _losses(outs[0][0], 0)
   loss1, gn1, rows1 = _losses(outs[1][0], 1)

@@ -36,11 +36,11 @@ def tpu_command(name: str, zone: str, train_args, project: str | None = None, re
   return cmd + ([f"--project={project}"] if project else [])
 
 
-def local_commands(n: int, train_args, port: int) -> list[list[str]]:
-  """train.py command lines of n processes joined by a coordinator on localhost:port."""
+def local_commands(n: int, train_args, port: int, script: str | None = None) -> list[list[str]]:
+  """Command lines of n processes of `script` (default: train.py) joined by a coordinator on localhost:port."""
   dist = ["--config.distributed.initialize=True", f"--config.distributed.coordinator_address=localhost:{port}",
           f"--config.distributed.num_processes={n}"]
-  return [[sys.executable, os.path.join(ROOT, "train.py"), *train_args, *dist,
+  return [[sys.executable, script or os.path.join(ROOT, "train.py"), *train_args, *dist,
            f"--config.distributed.process_id={i}"] for i in range(n)]
 
 
@@ -56,13 +56,14 @@ def _pump(i: int, stream) -> None:
     sys.stdout.flush()
 
 
-def run_local(n: int, train_args, devices_per_process: int = 1, timeout: float | None = None) -> int:
+def run_local(n: int, train_args, devices_per_process: int = 1, timeout: float | None = None,
+              script: str | None = None) -> int:
   """Run n local processes to the end; -> the first non-zero exit code (0 when all succeed)."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
   env.setdefault("JAX_PLATFORMS", "cpu")
   procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True) for cmd in local_commands(n, train_args, free_port())]
+                            start_new_session=True) for cmd in local_commands(n, train_args, free_port(), script)]
   pumps = [threading.Thread(target=_pump, args=(i, p.stdout), daemon=True) for i, p in enumerate(procs)]
   for t in pumps:
     t.start()
@@ -108,8 +109,10 @@ def main(argv=None) -> int:
   p.add_argument("--repo", default="~/qwenvl_jax", help="this project's folder on every worker (with --tpu)")
   p.add_argument("--devices-per-process", type=int, default=1, help="fake CPU devices per local process")
   p.add_argument("--dry-run", action="store_true", help="print the command(s), run nothing")
+  p.add_argument("--script", default=None, help="with --local: a Python file to run instead of train.py (it gets "
+                 "the flags after '--' and the --config.distributed.* flags)")
   args = p.parse_args(own)
-  if not any(a.startswith("--config=") for a in train_args):
+  if args.script is None and not any(a.startswith("--config=") for a in train_args):
     p.error("pass train.py's flags after '--', at least --config=... (and --workdir=...)")
   if args.tpu:
     if not args.zone:
@@ -120,10 +123,10 @@ def main(argv=None) -> int:
   if args.local < 1:
     p.error(f"--local {args.local}: at least one process")
   if args.dry_run:
-    for cmd in local_commands(args.local, train_args, 0):
+    for cmd in local_commands(args.local, train_args, 0, args.script):
       print(shlex.join(cmd))
     return 0
-  return run_local(args.local, train_args, args.devices_per_process)
+  return run_local(args.local, train_args, args.devices_per_process, script=args.script)
 
 
 if __name__ == "__main__":
