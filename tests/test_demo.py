@@ -1,5 +1,6 @@
-"""demo.py end to end on a shortened schedule (2-3 steps per stage at small sizes, 12 test examples): every stage trains and saves,
-both models are evaluated, the table matches the saved metrics, example images are written; bad input is one line."""
+"""demo.py end to end on a shortened schedule (2-3 steps per stage at small sizes, 12 test examples): the three
+chained stages train from one another with their freezing, both models are evaluated, the table matches the saved
+metrics, example images are written; bad input is one line."""
 
 import json
 import os
@@ -7,8 +8,10 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
+from train_runs import assert_identical, checkpoint_steps, load_state, metrics, subtree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT_CONFIG = f"""
@@ -26,7 +29,7 @@ def get_config():
   c.data.update(image_size=56, seq_len=96, max_images=2, batch_size=4, num_records=400, packing_window=64)
   c.optim.update(warmup_steps=1, loss_chunk=96)
   c.log.update(every=1, progress=False)
-  c.checkpoint.every = 1
+  c.checkpoint.update(every=1, keep=5)
   c.peak_flops = 1e12
   for name, steps in STEPS.items():
     c.stage_overrides[name].optim.total_steps = steps
@@ -52,6 +55,7 @@ def test_demo_short_schedule(env, tmp_path):
   for stage in ("stage1", "stage2", "stage3"):
     assert os.path.isdir(workdir / stage / "checkpoints" / str(STEPS[stage])), stage
     assert "=== " + stage in r.stdout
+  check_chain(workdir, r)
   results = json.loads((workdir / "demo_results.json").read_text())
   for which in ("untrained", "trained"):
     assert set(KEYS) <= set(results[which]), results[which]
@@ -78,3 +82,45 @@ def test_demo_bad_input_is_one_line(env, tmp_path, args, message):
   r = run_demo(env, f"--workdir={tmp_path / 'demo'}", *args, timeout=120)
   assert r.returncode == 2
   assert r.stderr.strip().splitlines() == [f"error: {message}"], r.stderr
+
+
+def check_chain(wd, r):
+  """The three chained stages: each trains in its own folder from the previous stage's last checkpoint, one shared
+  tokenizer, the stage freezing (stage 3 leaves the ViT alone), the resampler's fixed 2-D sin-cos table."""
+  assert [ln for ln in r.stdout.splitlines() if ln.startswith("===")] == ["=== stage1 ===", "=== stage2 ===",
+                                                                        "=== stage3 ==="]
+  assert os.path.isfile(wd / "tokenizer.model")  # trained once, shared by the stages
+  with open(wd / "results.json") as f:
+    results = json.load(f)
+  assert sorted(results) == ["stage1", "stage2", "stage3"]
+  for s, n in STEPS.items():
+    assert results[s]["step"] == n and not results[s]["stopped_by_signal"]
+    assert checkpoint_steps(wd / s) == list(range(1, n + 1))
+    assert [x["step"] for x in metrics(wd / s)] == list(range(1, n + 1))
+    assert not os.path.exists(wd / s / "tokenizer.model")
+  logs = r.stdout + r.stderr
+  assert f"initialised from {wd / 'stage1'} (step 3)" in logs and f"initialised from {wd / 'stage2'} (step 2)" in logs
+  configs = {s: json.loads((wd / s / "config.json").read_text()) for s in STEPS}
+  assert configs["stage1"]["data"]["mode"] == "pretrain" and configs["stage2"]["data"]["mode"] == "chat"
+  assert configs["stage2"]["init"] == {"source": "checkpoint", "path": str(wd / "stage1")}
+
+  # Step 1 runs at lr 0 (warmup from 0), so a stage's checkpoint 1 holds the weights it started from.
+  s1_start, s1_end = (subtree(load_state(wd / "stage1", k), "params/") for k in (1, 3))
+  s2_start, s2_end = (subtree(load_state(wd / "stage2", k), "params/") for k in (1, 2))
+  s3_end = subtree(load_state(wd / "stage3", 2), "params/")
+
+  def part(params, prefixes):
+    return {k: v for k, v in params.items() if k.split("/")[1] in prefixes}
+
+  def changed(a, b, prefixes):  # the fraction of those arrays that differ
+    keys = part(a, prefixes)
+    return sum(not np.array_equal(a[k], b[k]) for k in keys) / len(keys)
+  llm, vit = ("wte", "decoder", "lm_head"), ("visual",)
+  # The demo's stage 1 trains the LLM too (it starts random; configs/stage1_pretrain.py freezes it, as the paper).
+  assert changed(s1_start, s1_end, llm) > 0.9 and changed(s1_start, s1_end, vit) > 0.9
+  assert_identical(s2_start, s1_end)  # stage 2 starts from stage 1's last checkpoint
+  assert changed(s2_start, s2_end, llm) > 0.9 and changed(s2_start, s2_end, vit) > 0.9  # and trains it all
+  assert_identical(part(s3_end, vit), part(s2_end, vit))  # stage 3 froze the ViT
+  assert changed(s2_end, s3_end, llm) > 0.9
+  assert_identical({k: v for k, v in s3_end.items() if "pos_embed" in k and "resampler" in k},
+                   {k: v for k, v in s1_start.items() if "pos_embed" in k and "resampler" in k})  # fixed 2D sincos

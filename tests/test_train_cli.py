@@ -1,26 +1,21 @@
-"""train.py end to end on a tiny config (CPU): one-line errors with exit code 2, the --dry_run memory plan of the stage
-configs, and the chained demo config. Every run is a `python train.py` subprocess (helpers: train_runs.py)."""
+"""train.py end to end on a tiny config (CPU): one-line errors with exit code 2 and the --dry_run memory plan of the
+stage configs (the chained demo config: tests/test_demo.py). Every run is a `python train.py` subprocess (helpers:
+train_runs.py)."""
 
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from train_runs import (
   REF_OVERRIDES,
   ROOT,
   TOTAL,
-  assert_identical,
   checkpoint_steps,
   describe,
   error_line,
-  load_state,
-  metrics,
-  subtree,
   train,
   write_config,
 )
@@ -119,55 +114,3 @@ def test_dry_run_memory_plan_of_the_stage_configs(env):
   assert s1["opt"] < s3["opt"] < s2["opt"]  # stage 1 freezes the LLM, stage 3 only the ViT
   assert s1["opt"] == pytest.approx(2 * 1.9e9 * 4 / 2 ** 30 / 64, rel=0.1)  # the ViT + adapter only
   assert s3["opt"] + s1["opt"] == pytest.approx(s2["opt"], rel=0.02)
-
-
-# --- the demo chain -------------------------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_demo_chain_of_three_stages(env, tmp_path):
-  wd = tmp_path / "demo"
-  steps = {"stage1": 3, "stage2": 2, "stage3": 2}
-  r = train(env, "--config=configs/demo.py", f"--workdir={wd}", "--config.data.image_size=56",
-            "--config.data.seq_len=96", "--config.data.max_images=2", "--config.data.batch_size=4",
-            "--config.data.num_records=400", "--config.data.packing_window=64", "--config.optim.loss_chunk=96",
-            "--config.optim.warmup_steps=1", "--config.log.every=1", "--config.log.progress=False",
-            "--config.checkpoint.every=1", "--config.checkpoint.keep=5", "--config.peak_flops=1e12",
-            *[f"--config.stage_overrides.{s}.optim.total_steps={n}" for s, n in steps.items()])
-  assert r.returncode == 0, describe(r)
-  assert [ln for ln in r.stdout.splitlines() if ln.startswith("===")] == ["=== stage1 ===", "=== stage2 ===",
-                                                                        "=== stage3 ==="]
-  assert os.path.isfile(wd / "tokenizer.model")  # trained once, shared by the stages
-  with open(wd / "results.json") as f:
-    results = json.load(f)
-  assert sorted(results) == ["stage1", "stage2", "stage3"]
-  for s, n in steps.items():
-    assert results[s]["step"] == n and not results[s]["stopped_by_signal"]
-    assert checkpoint_steps(wd / s) == list(range(1, n + 1))
-    assert [x["step"] for x in metrics(wd / s)] == list(range(1, n + 1))
-    assert not os.path.exists(wd / s / "tokenizer.model")
-  logs = r.stdout + r.stderr
-  assert f"initialised from {wd / 'stage1'} (step 3)" in logs and f"initialised from {wd / 'stage2'} (step 2)" in logs
-  configs = {s: json.loads((wd / s / "config.json").read_text()) for s in steps}
-  assert configs["stage1"]["data"]["mode"] == "pretrain" and configs["stage2"]["data"]["mode"] == "chat"
-  assert configs["stage2"]["init"] == {"source": "checkpoint", "path": str(wd / "stage1")}
-
-  # Step 1 runs at lr 0 (warmup from 0), so a stage's checkpoint 1 holds the weights it started from.
-  s1_start, s1_end = (subtree(load_state(wd / "stage1", k), "params/") for k in (1, 3))
-  s2_start, s2_end = (subtree(load_state(wd / "stage2", k), "params/") for k in (1, 2))
-  s3_end = subtree(load_state(wd / "stage3", 2), "params/")
-
-  def part(params, prefixes):
-    return {k: v for k, v in params.items() if k.split("/")[1] in prefixes}
-
-  def changed(a, b, prefixes):  # the fraction of those arrays that differ
-    keys = part(a, prefixes)
-    return sum(not np.array_equal(a[k], b[k]) for k in keys) / len(keys)
-  llm, vit = ("wte", "decoder", "lm_head"), ("visual",)
-  # The demo's stage 1 trains the LLM too (it starts random; configs/stage1_pretrain.py freezes it, as the paper).
-  assert changed(s1_start, s1_end, llm) > 0.9 and changed(s1_start, s1_end, vit) > 0.9
-  assert_identical(s2_start, s1_end)  # stage 2 starts from stage 1's last checkpoint
-  assert changed(s2_start, s2_end, llm) > 0.9 and changed(s2_start, s2_end, vit) > 0.9  # and trains it all
-  assert_identical(part(s3_end, vit), part(s2_end, vit))  # stage 3 froze the ViT
-  assert changed(s2_end, s3_end, llm) > 0.9
-  assert_identical({k: v for k, v in s3_end.items() if "pos_embed" in k and "resampler" in k},
-                   {k: v for k, v in s1_start.items() if "pos_embed" in k and "resampler" in k})  # fixed 2D sincos
