@@ -52,6 +52,17 @@ def test_unusable_workdir_is_one_error_line(env, tmp_path):
   assert r.returncode == 2 and "mount the bucket" in error_line(r.stderr)
 
 
+def test_any_resolution_configs_need_a_patch_budget_except_for_the_dry_run():
+  from qwenvl_jax.train.config import base_config, validate
+  c = base_config()
+  c.model.name = "qwen2_vl_7b"
+  validate(c, dry_run=True)  # the memory plan needs no data settings
+  with pytest.raises(ValueError, match="data.patch_budget must be positive for qwen2_vl_7b"):
+    validate(c)
+  c.data.patch_budget = 4096
+  validate(c)
+
+
 @pytest.mark.parametrize("key", ["init.path", "data.path", "data.image_root", "data.tokenizer"])
 def test_url_paths_are_refused_with_the_mount_hint(key):
   from qwenvl_jax.train.config import base_config, validate

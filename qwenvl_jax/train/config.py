@@ -106,7 +106,8 @@ def validate(c: ml_collections.ConfigDict, dry_run: bool = False) -> None:
       need(False, f"data.mix: {e}")
   need(c.data.seq_len > 0 and c.data.batch_size > 0, "data.seq_len and data.batch_size must be positive")
   if registry.family_of(registry.get_config(c.model.name)).sample_encoder is not None:
-    need(c.data.patch_budget > 0, f"data.patch_budget must be positive for {c.model.name} (ViT patches per batch)")
+    need(dry_run or c.data.patch_budget > 0,
+         f"data.patch_budget must be positive for {c.model.name} (ViT patches per batch)")
     need(c.optim.grad_accum == 1, "optim.grad_accum > 1 is not supported with any-resolution batches yet")
   if c.data.image_sides:
     try:
