@@ -10,7 +10,8 @@ tokens before it). Chat samples (stages 2-3):
 Every piece is tokenised on its own (role, "\\n", content), exactly as the official recipe does, so the ids match
 what the released models were trained on; one deliberate difference: ChatML tokens and `<|endoftext|>` written
 inside content are encoded as text, not as the special ids (image and grounding tags stay markup). Pre-training
-samples (stage 1): `<img>ref</img>{caption}<|endoftext|>` with the caption and `<|endoftext|>` as targets. Images are written `Picture N: <img>ref</img>\\n` in user turns.
+samples (stage 1): `<img>ref</img>{caption}<|endoftext|>` with the caption and `<|endoftext|>` as targets. Images
+are written `Picture N: <img>ref</img>\\n` in user turns.
 """
 
 from __future__ import annotations

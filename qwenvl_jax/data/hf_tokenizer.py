@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 
-from qwenvl_jax.data.tokenizer import ENDOFTEXT, IM_END, IM_START, TokenizerError
+from qwenvl_jax.data.special_tokens import ENDOFTEXT, IM_END, IM_START, TokenizerError
 
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"

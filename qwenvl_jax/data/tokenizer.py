@@ -16,7 +16,8 @@ import os
 import re
 import unicodedata
 
-ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+from qwenvl_jax.data.special_tokens import ENDOFTEXT, IM_END, IM_START, TokenizerError  # noqa: F401 - re-exported
+
 EXTRAS = tuple(f"<|extra_{i}|>" for i in range(205))
 REF_START, REF_END, BOX_START, BOX_END = "<ref>", "</ref>", "<box>", "</box>"
 QUAD_START, QUAD_END, IMG_START, IMG_END, IMG_PAD = "<quad>", "</quad>", "<img>", "</img>", "<imgpad>"
@@ -27,10 +28,6 @@ QWEN_SPECIAL_START = 151643
 QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
                 r"""\s+(?!\S)|\s+""")
 _IMG_SPAN = re.compile(re.escape(IMG_START) + "(.*?)" + re.escape(IMG_END), re.S)
-
-
-class TokenizerError(ValueError):
-  """Text the tokenizer cannot encode as asked (message says why)."""
 
 
 class Tokenizer:

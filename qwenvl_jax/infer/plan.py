@@ -161,7 +161,6 @@ def device_memory(devices) -> int | None:
 def check_fits(cfg, mesh, quantize: str | None, what: str, limit: int | None = None) -> None:
   """Before loading: raise a one-line ValueError when the parameters alone exceed a device's memory on `mesh` (None:
   one device). `limit`: bytes per device (default: what the runtime reports; no check where it reports none)."""
-  import jax
   devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
   limit = device_memory(devices) if limit is None else limit
   if limit is None:

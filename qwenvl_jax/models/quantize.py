@@ -23,6 +23,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from qwenvl_jax.models import registry
+from qwenvl_jax.sharding import logical_to_sharding, put_sharded
 
 MODES = ("int8",)
 # module paths whose weights stay in the parameter dtype: the embedding table (a gather, not a matmul)
@@ -66,7 +67,6 @@ class Quantizer:
   (or on the first device), so no device ever holds a float copy of the model."""
 
   def __init__(self, cfg, mode: str = "int8", mesh=None):
-    from qwenvl_jax.sharding import logical_to_sharding
     self.cfg, self.mode, self.mesh = cfg, mode, mesh
     self.module = quantized_module(cfg, mode)
     boxed = abstract_quantized(cfg, self.module, boxed=True)
@@ -82,7 +82,6 @@ class Quantizer:
       x = _quantize_fn(want)(jax.device_put(x, host_device()))
     if self.shardings is None:
       return jax.device_put(x, jax.devices()[0])
-    from qwenvl_jax.sharding import put_sharded
     return jax.tree.map(lambda a, s: put_sharded(np.asarray(a), s), x, _get(self.shardings, tree_path))
 
   def quantize_tree(self, params: dict) -> dict:
