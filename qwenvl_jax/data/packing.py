@@ -102,45 +102,56 @@ class WindowPackIterDataset(grain.IterDataset):
     return _PackIterator(self._parent.__iter__(), self)
 
 
-class _PackIterator(grain.DatasetIterator):
-  def __init__(self, parent: grain.DatasetIterator, spec: WindowPackIterDataset):
+class WindowIterator(grain.DatasetIterator):
+  """Reads a window of samples, plans groups over it (rows here; whole batches in patch_packing.py) and emits them
+  one at a time. Subclasses give `_plan` (read the window with `_read` -> (samples, groups)) and `_emit` (the
+  samples of one group -> the output). Checkpoint: the parent's state at the window start and the groups emitted;
+  restoring re-reads and re-plans that window (planning is deterministic)."""
+
+  def __init__(self, parent: grain.DatasetIterator, seed: int, shuffle: bool):
     super().__init__(parent)
-    self._spec = spec
+    self._seed, self._shuffle = seed, shuffle
     self._window_state = parent.get_state()
     self._window = 0
-    self._rows: list[list[int]] = []
+    self._groups: list = []
     self._samples: list[dict] = []
     self._emitted = 0
 
-  def _fill(self) -> None:
-    spec = self._spec
-    self._window_state = self._parent.get_state()
-    samples = []
-    for _ in range(spec.lookahead):
+  def _plan(self) -> tuple[list[dict], list]:
+    raise NotImplementedError
+
+  def _emit(self, samples) -> dict:
+    raise NotImplementedError
+
+  def _read(self, n: int, into: list) -> int:
+    """Append up to n samples of the parent to `into` -> how many there were."""
+    for k in range(n):
       try:
-        samples.append(next(self._parent))
+        into.append(next(self._parent))
       except StopIteration:
-        break
+        return k
+    return n
+
+  def _fill(self) -> None:
+    self._window_state = self._parent.get_state()
+    samples, groups = self._plan()
     if not samples:
       raise StopIteration
-    rows = pack_window(samples, spec.seq_len, spec.max_images)
-    if spec.shuffle_rows:  # otherwise long-sample rows would always come first in a window
-      np.random.default_rng([spec.seed, self._window]).shuffle(rows)
-    self._samples, self._rows = samples, rows  # rows are assembled when emitted
-    self._emitted = 0
+    if self._shuffle:  # otherwise the window's largest groups would always come first
+      np.random.default_rng([self._seed, self._window]).shuffle(groups)
+    self._samples, self._groups, self._emitted = samples, groups, 0  # groups are assembled when emitted
 
   def __next__(self) -> dict:
-    if self._emitted >= len(self._rows):
-      if self._rows:
+    if self._emitted >= len(self._groups):
+      if self._groups:
         self._window += 1
       self._fill()
-    row = self._rows[self._emitted]
+    group = self._groups[self._emitted]
     self._emitted += 1
-    if self._emitted == len(self._rows):
-      samples, self._samples = [self._samples[i] for i in row], []  # release the window's samples early
-    else:
-      samples = [self._samples[i] for i in row]
-    return assemble_row(samples, self._spec.seq_len, self._spec.max_images)
+    out = self._emit(group)
+    if self._emitted == len(self._groups):
+      self._samples = []  # release the window's samples early
+    return out
 
   def get_state(self) -> dict:
     return {"parent": self._window_state, "window": self._window, "emitted": self._emitted}
@@ -148,7 +159,21 @@ class _PackIterator(grain.DatasetIterator):
   def set_state(self, state: dict) -> None:
     self._parent.set_state(state["parent"])
     self._window = state["window"]
-    self._rows = []
+    self._groups = []
     if state["emitted"]:
       self._fill()
       self._emitted = state["emitted"]
+
+
+class _PackIterator(WindowIterator):
+  def __init__(self, parent: grain.DatasetIterator, spec: WindowPackIterDataset):
+    super().__init__(parent, spec.seed, spec.shuffle_rows)
+    self._spec = spec
+
+  def _plan(self):
+    samples: list[dict] = []
+    self._read(self._spec.lookahead, samples)
+    return samples, (pack_window(samples, self._spec.seq_len, self._spec.max_images) if samples else [])
+
+  def _emit(self, row) -> dict:
+    return assemble_row([self._samples[i] for i in row], self._spec.seq_len, self._spec.max_images)

@@ -21,16 +21,18 @@ four for videos.
 
 A window of `lookahead` samples is read and batches are filled one at a time (`pack_batches`): samples are taken
 largest first, alternating between patch-heavy and token-heavy ones so that neither budget fills long before the
-other, and each goes to the row it fits most tightly. The window's last batches, which take what is left, are refilled
-with further samples (up to twice the window) until one of each batch's budgets is 90% used.
-Checkpointing as `packing.py`: the state is the parent's
-state at the window start plus the batches emitted from it; restoring re-reads and re-packs that window.
+other, and each goes to the row it fits most tightly (windows and checkpoints: `packing.WindowIterator`). The
+window's last batches, which take what is left, are refilled with further samples (up to twice the window) until one
+of each batch's budgets is 90% used. Checkpointing as `packing.py`: the state is the parent's state at the window
+start plus the batches emitted from it; restoring re-reads and re-packs that window.
 """
 
 from __future__ import annotations
 
 import grain
 import numpy as np
+
+from qwenvl_jax.data.packing import WindowIterator
 
 TOKEN_KEYS = ("ids", "loss_mask", "task")
 MEDIA = ("image", "video")
@@ -149,22 +151,10 @@ class PatchPackIterDataset(grain.IterDataset):
     return _Iterator(self._parent.__iter__(), self)
 
 
-class _Iterator(grain.DatasetIterator):
+class _Iterator(WindowIterator):
   def __init__(self, parent: grain.DatasetIterator, spec: PatchPackIterDataset):
-    super().__init__(parent)
+    super().__init__(parent, spec.seed, spec.shuffle)
     self._spec = spec
-    self._window_state = parent.get_state()
-    self._window, self._emitted = 0, 0
-    self._batches: list = []
-    self._samples: list[dict] = []
-
-  def _read(self, n: int, into: list) -> int:
-    for k in range(n):
-      try:
-        into.append(next(self._parent))
-      except StopIteration:
-        return k
-    return n
 
   def _pack(self, samples: list[dict], indices: list[int]) -> list[list[list[int]]]:
     spec = self._spec
@@ -178,12 +168,11 @@ class _Iterator(grain.DatasetIterator):
     patches = sum(num_patches(samples[i]) for row in batch for i in row) / spec.patch_budget
     return max(tokens, patches) >= FULL
 
-  def _fill(self) -> None:
+  def _plan(self):
     spec = self._spec
-    self._window_state = self._parent.get_state()
     samples: list[dict] = []
     if not self._read(spec.lookahead, samples):
-      raise StopIteration
+      return samples, []
     batches = self._pack(samples, list(range(len(samples))))
     # the last batches take what is left: read on (deterministically, from the same parent state) and repack the
     # batches that are not full with the new samples until all are, or the data ends
@@ -194,28 +183,9 @@ class _Iterator(grain.DatasetIterator):
       full = [b for b in batches if self._full(samples, b)]
       tail = sorted(i for b in batches if not self._full(samples, b) for row in b for i in row)
       batches = full + self._pack(samples, tail + list(range(start, len(samples))))
-    if spec.shuffle:  # the window's fullest batches come first otherwise
-      np.random.default_rng([spec.seed, self._window]).shuffle(batches)
-    self._samples, self._batches, self._emitted = samples, batches, 0
+    return samples, batches
 
-  def __next__(self) -> dict:
-    if self._emitted >= len(self._batches):
-      if self._batches:
-        self._window += 1
-      self._fill()
-    rows = self._batches[self._emitted]
-    self._emitted += 1
+  def _emit(self, rows) -> dict:
     spec = self._spec
     return assemble_batch([[self._samples[i] for i in row] for row in rows], spec.seq_len, spec.patch_budget,
                           spec.patch_dim, spec.merge)
-
-  def get_state(self) -> dict:
-    return {"parent": self._window_state, "window": self._window, "emitted": self._emitted}
-
-  def set_state(self, state: dict) -> None:
-    self._parent.set_state(state["parent"])
-    self._window = state["window"]
-    self._batches = []
-    if state["emitted"]:
-      self._fill()
-      self._emitted = state["emitted"]
