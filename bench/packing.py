@@ -5,10 +5,10 @@
                                                --window 1024 --patch-budget 0]
 
 Qwen2-VL (any resolution): every image keeps its own size (a side drawn per record in --sides, then smart_resize),
-so samples carry different numbers of patches; batches are packed on tokens per row and patches per batch
-(`data/patch_packing.py`). Reported: token fill (non-padding fraction of the rows) and patch fill (real patches /
---patch-budget; 0 = the budget that matches the mix: its patches per token x batch x seq_len, from the first 1000
-samples), and samples/s through the whole pipeline (draw, resize, patchify, tokenise, positions, pack).
+so samples carry different numbers of patches; rows are packed on tokens and on ViT patches (`data/patch_packing.py`).
+Reported: token fill (non-padding fraction of the rows) and patch fill (real patches / (rows x --patch-budget); 0 =
+the per-row budget that matches the mix: its patches per token x seq_len, from the first 1000 samples), and samples/s
+through the whole pipeline (draw, resize, patchify, tokenise, positions, pack).
 
 Efficiency = non-padding fraction of the packed rows, against padding-only batching (one sample per row).
 Throughput = packed samples per second through the whole Grain pipeline (draw, decode, resize, tokenise, pack)
@@ -53,7 +53,7 @@ def qwen2_vl(args):
   if not budget:
     probe = Qwen2VLSampleEncoder(tok, cfg, proc, dc, patch_budget=1 << 30)
     probed = [probe(source[i]) for i in range(min(1000, len(source)))]
-    budget = budget_for(probed, args.batch, args.seq_len, proc.merge_size)
+    budget = budget_for(probed, args.seq_len, proc.merge_size)
   enc = Qwen2VLSampleEncoder(tok, cfg, proc, dc, patch_budget=budget)
   ds = build_patch_dataset(source, enc, dc, patch_budget=budget, patch_dim=proc.patch_dim, merge=proc.merge_size,
                            seed=0, process_index=0, process_count=1)
@@ -65,9 +65,9 @@ def qwen2_vl(args):
     samples += int(b["segment_ids"].max(axis=1).sum())
     batches += 1
   dt = time.time() - t0
-  print(f"{samples} samples -> {batches} batches of {args.batch} x {args.seq_len} tokens and {budget} patches "
+  print(f"{samples} samples -> {batches} batches of {args.batch} x {args.seq_len} tokens and {budget} patches per row "
         f"(images {lo}-{hi} px sides, window {args.window}; {enc.summary()})")
-  token_fill, patch_fill = tokens / (batches * args.batch * args.seq_len), patches / (batches * budget)
+  token_fill, patch_fill = tokens / (batches * args.batch * args.seq_len), patches / (batches * args.batch * budget)
   print(f"token fill {token_fill:.2%}, patch fill {patch_fill:.2%}")
   print(f"throughput {samples / dt:.1f} samples/s, {batches / dt:.2f} batches/s ({args.threads} threads, "
         f"{dt:.1f}s)")
@@ -78,7 +78,7 @@ def main():
   ap.add_argument("--family", default="qwen_vl", choices=["qwen_vl", "qwen2_vl"])
   ap.add_argument("--batch", type=int, default=4, help="qwen2_vl: rows per batch")
   ap.add_argument("--sides", default="56,224", help="qwen2_vl: image side range (px)")
-  ap.add_argument("--patch-budget", type=int, default=0, help="qwen2_vl: ViT patches per batch (0: matched to the mix)")
+  ap.add_argument("--patch-budget", type=int, default=0, help="qwen2_vl: ViT patches per row (0: matched to the mix)")
   ap.add_argument("--records", type=int, default=2000)
   ap.add_argument("--seq-len", type=int, default=2048)
   ap.add_argument("--image-size", type=int, default=448)

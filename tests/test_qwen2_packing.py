@@ -1,6 +1,6 @@
 """Qwen2-VL any-resolution training data: samples (ChatML targets, vision blocks sized by each image's grid, M-RoPE
-ids and patches equal to transformers' for the sample alone), packing on tokens per row and patches per batch (no
-sample crosses a row, every patch lands in its image's slots, attention confined to each image and sample: a packed
+ids and patches equal to transformers' for the sample alone), packing on tokens and patches per row (no sample
+crosses a row, every patch lands in its row's image slots, attention confined to each image and sample: a packed
 batch's loss equals the samples' losses computed alone), bad input skipped and counted, exact resume."""
 
 import io
@@ -11,6 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 from qwen2_tokenizer_fixture import build
+from qwen2_vl_reference import reference_positions
 
 import qwenvl_jax as qv
 from qwenvl_jax.data.hf_tokenizer import HFTokenizer
@@ -45,24 +46,25 @@ def video_record():
 
 def test_pack_batches_uses_every_sample_once_within_both_budgets():
   rng = np.random.default_rng(0)
-  tokens, patches = rng.integers(10, 300, 1000), rng.integers(0, 5, 1000) * rng.integers(0, 200, 1000)
-  budget = int(np.ceil(patches.sum() / tokens.sum() * 4 * 512))  # the mix's patches per token: both can fill
+  tokens = rng.integers(10, 200, 1000)
+  patches = 4 * rng.integers(0, tokens // 2 + 1) * (rng.random(1000) < 0.9)  # up to half the tokens visual; some text
+  budget = int(np.ceil(patches.sum() / tokens.sum() * 512))  # the mix's patches per token: both can fill
   batches = pack_batches(tokens, patches, batch_size=4, seq_len=512, patch_budget=budget)
   used = [i for b in batches for row in b for i in row]
   assert sorted(used) == list(range(1000))
   for b in batches:
-    assert len(b) == 4 and sum(patches[i] for row in b for i in row) <= budget
-    assert all(sum(tokens[i] for i in row) <= 512 and row == sorted(row) for row in b)
+    assert len(b) == 4
+    assert all(sum(tokens[i] for i in row) <= 512 and sum(patches[i] for i in row) <= budget and row == sorted(row)
+               for row in b)
   full = batches[:-2]  # the window's last batches take what is left
   assert np.mean([sum(tokens[i] for r in b for i in r) / 2048 for b in full]) > 0.95
-  assert np.mean([sum(patches[i] for r in b for i in r) / budget for b in full]) > 0.95
+  assert np.mean([sum(patches[i] for r in b for i in r) / (4 * budget) for b in full]) > 0.95
   with pytest.raises(ValueError, match="exceeds a row of 512 tokens"):
     pack_batches([600], [0], 1, 512, 2048)
 
 
 def test_sample_targets_blocks_and_positions_equal_transformers(setup):
-  import torch
-  from transformers import Qwen2VLConfig, Qwen2VLImageProcessorPil, Qwen2VLModel
+  from transformers import Qwen2VLImageProcessorPil
   tok, cfg, proc = setup
   source = ShapesSource("train", 50, image_size=SIDES, mix=["grounding", "multi_image"])
   record = next(source[i] for i in range(50) if len(source[i]["images"]) >= 2)
@@ -84,48 +86,41 @@ def test_sample_targets_blocks_and_positions_equal_transformers(setup):
   ref = hf_proc(images=list(record["images"].values()), return_tensors="np")
   np.testing.assert_array_equal(ref["image_grid_thw"], grids)
   np.testing.assert_allclose(ref["pixel_values"], s["image_patches"], atol=1e-5)
-  hf = Qwen2VLModel(Qwen2VLConfig(text_config=dict(vocab_size=512, hidden_size=64, num_hidden_layers=1,
-                                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                                                   rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
-                                                                    "rope_theta": 1e6}),
-                                  vision_config=dict(depth=1, embed_dim=32, num_heads=2, hidden_size=64),
-                                  image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
-                                  vision_start_token_id=cfg.vision_start_token_id))
-  t = torch.tensor(ids[None].astype(np.int64))
-  pos, _ = hf.get_rope_index(t, (t == cfg.image_token_id).int(), image_grid_thw=torch.tensor(grids),
-                             attention_mask=torch.ones_like(t))
-  np.testing.assert_array_equal(pos[:, 0].numpy(), s["positions"])
+  np.testing.assert_array_equal(reference_positions(cfg, ids, image_grids=grids), s["positions"])
 
 
 @pytest.fixture(scope="module")
 def packed(setup):
-  """Shapes samples (and one video) packed into a batch of 2 rows x 160 tokens and 512 patches."""
-  enc = encoder(setup, patch_budget=512, seq_len=160)
+  """Shapes samples (and one video) packed into a batch of 2 rows of 160 tokens and 256 patches each."""
+  enc = encoder(setup, patch_budget=256, seq_len=160)
   source = ShapesSource("train", 40, image_size=SIDES)
   samples = [x for x in (enc(source[i]) for i in range(40)) if x is not None] + [enc(video_record())]
-  batches = pack_batches([len(x["ids"]) for x in samples], [num_patches(x) for x in samples], 2, 160, 512)
+  batches = pack_batches([len(x["ids"]) for x in samples], [num_patches(x) for x in samples], 2, 160, 256)
   rows = max(batches, key=lambda b: sum(len(r) for r in b))
   rows = [[samples[i] for i in r] for r in rows]
   if not any(len(x["video_patches"]) for r in rows for x in r):  # make sure the batch mixes images and a video
-    rows[1] = [samples[-1]]
-  return rows, assemble_batch(rows, 160, 512, setup[2].patch_dim, 2)
+    rows[1] = [x for x in rows[1] if not len(x["image_patches"])] + [samples[-1]]
+  return rows, assemble_batch(rows, 160, 256, setup[2].patch_dim, 2)
 
 
 def test_packed_batch_places_every_patch_and_token(setup, packed):
   rows, b = packed
   cfg = setup[1]
-  k = 0
-  for media in ("image", "video"):  # patches: all images row-major, then all videos, each block intact
-    for row in rows:
+  assert b["pixel_values"].shape == (2, 256, setup[2].patch_dim)
+  for r, row in enumerate(rows):  # patches: the row's images in sample order, then its videos, each block intact
+    k = 0
+    for media in ("image", "video"):
       for x in row:
         n = len(x[f"{media}_patches"])
-        np.testing.assert_array_equal(b["pixel_values"][k:k + n], x[f"{media}_patches"])
-        np.testing.assert_array_equal(b["vision_rows_cols"][k:k + n], x[f"{media}_rows_cols"])
+        np.testing.assert_array_equal(b["pixel_values"][r, k:k + n], x[f"{media}_patches"])
+        np.testing.assert_array_equal(b["vision_rows_cols"][r, k:k + n], x[f"{media}_rows_cols"])
         k += n
-  assert (b["vision_segments"][k:] == 0).all() and (b["vision_segments"][:k] > 0).all()
-  n_blocks = sum(len(x["image_grid_thw"]) + int(x["video_grid_thw"][:, 0].sum()) for r in rows for x in r)
-  assert len(np.unique(b["vision_segments"][:k])) == n_blocks  # one attention segment per image / frame pair
-  assert b["n_image_tokens"] == sum(len(x["image_patches"]) for r in rows for x in r) // 4
+      if media == "image":
+        assert b["n_image_tokens"][r] == k // 4
+    seg = b["vision_segments"][r]
+    assert (seg[k:] == 0).all() and (seg[:k] > 0).all()
+    n_blocks = sum(len(x["image_grid_thw"]) + int(x["video_grid_thw"][:, 0].sum()) for x in row)
+    assert len(np.unique(seg[:k])) == n_blocks  # one attention segment per image / frame pair
   for r, row in enumerate(rows):  # tokens: samples in order, never across rows, each with its own positions
     t = 0
     for sid, x in enumerate(row, 1):
@@ -197,7 +192,7 @@ def test_pipeline_fills_both_budgets_and_resumes_exactly(setup):
   tok, cfg, proc = setup
   source = ShapesSource("train", 400, image_size=SIDES)
   dc = DataConfig(seq_len=512, batch_size=2, packing_window=200, num_threads=1)
-  budget = budget_for([encoder(setup)(source[i]) for i in range(200)], 2, 512, 2)
+  budget = budget_for([encoder(setup)(source[i]) for i in range(200)], 512, 2)
   enc = Qwen2VLSampleEncoder(tok, cfg, proc, dc, budget)
   ds = build_patch_dataset(source, enc, dc, patch_budget=budget, patch_dim=proc.patch_dim, merge=2, seed=3,
                            process_index=0, process_count=1)
@@ -205,7 +200,7 @@ def test_pipeline_fills_both_budgets_and_resumes_exactly(setup):
   first = [next(it) for _ in range(3)]
   state = it.get_state()
   rest = [next(it) for _ in range(5)]
-  assert all(x["pixel_values"].shape == (budget, proc.patch_dim) and x["input_ids"].shape == (2, 512)
+  assert all(x["pixel_values"].shape == (2, budget, proc.patch_dim) and x["input_ids"].shape == (2, 512)
              for x in first + rest)  # static shapes
   fill = np.mean([(x["segment_ids"] > 0).mean() for x in first + rest])
   patch_fill = np.mean([(x["vision_segments"] > 0).mean() for x in first + rest])

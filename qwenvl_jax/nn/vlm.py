@@ -39,13 +39,19 @@ def splice_spans(embeds: jax.Array, input_ids: jax.Array, features: jax.Array, s
 
 def scatter_placeholders(embeds: jax.Array, input_ids: jax.Array, features: jax.Array, token_id: int,
                          offset: jax.Array | int = 0) -> jax.Array:
-  """Every `token_id` in input_ids (counted batch-major) takes the next row of features, starting at `offset`.
+  """Every `token_id` in input_ids takes the next row of features, starting at `offset`.
 
-  embeds: [B, S, D]; input_ids: [B, S]; features: [N, D] (rows beyond the placeholders, e.g. bucket padding, are
-  ignored). The count must match (checked on the host before the call).
+  embeds: [B, S, D]; input_ids: [B, S]. features: [N, D] consumed batch-major (offset: a scalar), or [B, N, D]
+  with each row's own features (packed training rows; offset: [B] or a scalar). Rows beyond the placeholders (e.g.
+  padding) are ignored; the count must match (checked on the host before the call).
   """
   b, s = input_ids.shape
   is_ph = input_ids == token_id
-  index = jnp.cumsum(is_ph.reshape(-1)).reshape(b, s) - 1 + offset
-  picked = features[jnp.clip(index, 0, features.shape[0] - 1)]
+  if features.ndim == 3:
+    index = jnp.cumsum(is_ph, axis=1) - 1 + jnp.reshape(jnp.asarray(offset), (-1, 1))
+    index = jnp.clip(index, 0, features.shape[1] - 1)
+    picked = jnp.take_along_axis(features, index[..., None], axis=1)
+  else:
+    index = jnp.cumsum(is_ph.reshape(-1)).reshape(b, s) - 1 + offset
+    picked = features[jnp.clip(index, 0, features.shape[0] - 1)]
   return jnp.where(is_ph[..., None], picked.astype(embeds.dtype), embeds)

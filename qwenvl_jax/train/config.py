@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
       mix="",                # shapes: task weights "caption=2,ocr=1,..." (tasks left out get 0; "" = default mix)
       mode="chat", seq_len=2048, image_size=448, max_images=8, batch_size=8, truncation="truncate",
       strict=False, num_threads=2, packing_window=512,
-      # any-resolution families (Qwen2-VL): ViT patches per batch, the processor's pixel range (0: the family's
+      # any-resolution families (Qwen2-VL): ViT patches per row, the processor's pixel range (0: the family's
       # default), and shapes image sides "low,high" drawn per record ("": image_size for every image)
       patch_budget=0, min_pixels=0, max_pixels=0, image_sides=""))
   c.optim = ml_collections.ConfigDict(dict(
@@ -107,8 +107,7 @@ def validate(c: ml_collections.ConfigDict, dry_run: bool = False) -> None:
   need(c.data.seq_len > 0 and c.data.batch_size > 0, "data.seq_len and data.batch_size must be positive")
   if registry.family_of(registry.get_config(c.model.name)).sample_encoder is not None:
     need(dry_run or c.data.patch_budget > 0,
-         f"data.patch_budget must be positive for {c.model.name} (ViT patches per batch)")
-    need(c.optim.grad_accum == 1, "optim.grad_accum > 1 is not supported with any-resolution batches yet")
+         f"data.patch_budget must be positive for {c.model.name} (ViT patches per row)")
   if c.data.image_sides:
     try:
       lo, hi = (int(x) for x in c.data.image_sides.split(","))

@@ -19,7 +19,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from qwenvl_jax.convert import checkpoint as model_checkpoint
 from qwenvl_jax.convert import loader
 from qwenvl_jax.convert.loader import model_config
-from qwenvl_jax.data.patch_packing import BATCH_KEYS, VISION_KEYS
 from qwenvl_jax.data.pipeline import DataConfig, DataPipeline, build_patch_dataset
 from qwenvl_jax.data.tokenizer import load_tokenizer
 from qwenvl_jax.models import registry
@@ -114,9 +113,7 @@ def data_pipeline(c, tok, processor, seed_offset: int = 0):
   d = c.data
   per_host = d.batch_size // jax.process_count()
   cfg = model_config(c)
-  if any_resolution(cfg):
-    if jax.process_count() > 1:  # segment ids and the image-then-video order are per host so far
-      raise ValueError(f"{c.model.name}: any-resolution batches train on one host (process) so far")
+  if any_resolution(cfg):  # each row carries its own patches: every host packs its own rows
     dcfg = DataConfig(seq_len=d.seq_len, batch_size=per_host, strict=d.strict, num_threads=d.num_threads,
                       packing_window=d.packing_window, task_names=TASKS)
     encoder = registry.family_of(cfg).sample_encoder(tok, cfg, processor, dcfg, d.patch_budget)
@@ -220,10 +217,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
 
   opts = StepOptions(grad_accum=c.optim.grad_accum, loss_chunk=c.optim.loss_chunk, z_loss=c.optim.z_loss,
                      skip_nonfinite=c.nonfinite == "skip", num_tasks=len(tasks))
-  batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-  if any_resolution(cfg):  # the batch's packed patches have no batch axis: every device sees them all
-    batch_sharding = {k: NamedSharding(mesh, PartitionSpec()) if k in ("pixel_values",) + VISION_KEYS
-                      else batch_sharding for k in BATCH_KEYS}
+  batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))  # every array: rows (and their patches)
   model = registry.family_of(cfg).module(cfg)
   step_fn = jax.jit(lambda s, b: train_step(s, b, model=model, tx=tx, schedule=sched, opts=opts),
                     in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)

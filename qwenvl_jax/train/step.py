@@ -38,7 +38,7 @@ def _loss_sums(model, params, batch: dict, opts: StepOptions):
   positions = batch["positions"]
   if positions.ndim == 3:  # M-RoPE ids travel batch-major [B, 3, L]; the model takes [3, B, L]
     positions = positions.transpose(1, 0, 2)
-  vision = {k: batch[k] for k in VISION_KEYS if k in batch}  # any-resolution: the batch's packed patches
+  vision = {k: batch[k] for k in VISION_KEYS if k in batch}  # any-resolution: each row's packed patches
   hidden = model.apply({"params": params}, batch["input_ids"], attention_mask=seg > 0, positions=positions,
                        segment_ids=seg, pixel_values=batch.get("pixel_values"), inference=False, return_hidden=True,
                        **vision)

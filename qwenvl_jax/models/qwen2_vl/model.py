@@ -5,7 +5,9 @@
         --vision tower--> [P, W] --merger--> features [P / 4, D]
 
 Feature row k goes to the k-th `<|image_pad|>` (counted batch-major); video features follow the images'
-(`n_image_tokens` rows later). Positions [3, B, S] (temporal, height, width) come from the host
+(`n_image_tokens` rows later). Packed training batches give each row its own patches instead ([B, P, ...], with
+`n_image_tokens` [B]; `data/patch_packing.py`): row b's features go to row b's placeholders.
+Positions [3, B, S] (temporal, height, width) come from the host
 (`positions.rope_index`); without them every token is text (1-D positions continued from the cache).
 """
 
@@ -67,7 +69,8 @@ class Qwen2VL(nn.Module):
     attention_mask: [B, S] 1 = real token. positions: [3, B, S] M-RoPE ids, or [B, S] (the same on all three axes);
     default: text positions counting real tokens, continuing after the cache's. segment_ids: [B, S] packed samples.
     pixel_values: [P, C*T*p*p] with vision_rows_cols [P, 2] and vision_segments [P] (see `vision.VisionTower`);
-    the first n_image_tokens merged rows are image features, the following ones video features.
+    the first n_image_tokens merged rows are image features, the following ones video features. Or per row:
+    [B, P, C*T*p*p], [B, P, 2], [B, P] and n_image_tokens [B].
     """
     del inference  # no inference-only behaviour in Qwen2-VL
     c = self.cfg
