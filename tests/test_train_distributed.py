@@ -4,7 +4,8 @@ Both tests run subprocesses (tests/train_distributed_worker.py) on fake CPU devi
 is imported, and jax.distributed needs fresh processes). The multi-host test drives the real entry point train.py
 through the launcher (`python -m qwenvl_jax.train.launch --local 2`): 2 processes x 2 CPU devices, a localhost
 coordinator, jax 0.10.2's default CPU collectives (gloo), one global
-(fsdp 2, tensor 2) mesh; each process feeds its half of each global batch.
+(fsdp 2, tensor 2) mesh; each process feeds its half of each global batch (Qwen2-VL: its own rows, each with its
+own patches).
 
 Measured on jax 0.10.2 / CPU, float32: the (data 2, fsdp 2, tensor 2) mesh and one device give losses within
 7e-8 relative (the first steps bit-identical) and final parameters within 3.1e-6; the 2-process run gives
@@ -22,6 +23,7 @@ import textwrap
 import time
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "train_distributed_worker.py")
@@ -118,15 +120,43 @@ TINY_CONFIG = textwrap.dedent('''\
 ''')
 
 
+QWEN2_CONFIG = textwrap.dedent('''\
+    """3 steps of the tiny Qwen2-VL on any-resolution shapes batches (tests/test_train_distributed.py)."""
+    from qwenvl_jax.train.config import base_config
+
+
+    def get_config():
+      c = base_config()
+      c.model.update(name="qwen2_vl_tiny", dtype="float32")
+      c.data.update(source="shapes", tokenizer={tokenizer!r}, image_sides="40,150", min_pixels=56 * 56,
+                    max_pixels=112 * 112, seq_len=128, batch_size=4, patch_budget=192, num_records=256,
+                    packing_window=64, num_threads=1)
+      c.optim.update(lr=1e-3, min_lr=1e-4, warmup_steps=0, total_steps=3, loss_chunk=64, freeze=())
+      c.mesh.update(data=1, fsdp=2, tensor=2)
+      c.checkpoint.update(every=1000, keep=1, async_save=False)
+      c.log.update(every=1, tensorboard=False, progress=False)
+      c.peak_flops = 1e9
+      return c
+''')
+
+
 def _losses(results, process):
   rows = [r for r in results if r.get("process") == process and "loss" in r]
   assert [r["step"] for r in rows] == [1, 2, 3], results
   return [r["loss"] for r in rows], [r["grad_norm"] for r in rows], rows
 
 
-def test_two_process_train_py_matches_one_process(tmp_path):
+@pytest.mark.parametrize("family", ["qwen_vl", "qwen2_vl"])
+def test_two_process_train_py_matches_one_process(tmp_path, family):
+  """Qwen-VL: fixed image spans; Qwen2-VL: each host packs its own rows with their own patches (any resolution)."""
   config = tmp_path / "tiny.py"
-  config.write_text(TINY_CONFIG)
+  if family == "qwen_vl":
+    config.write_text(TINY_CONFIG)
+    tokenizer, vocab = "tokenizer.model", 1024
+  else:
+    from qwen2_tokenizer_fixture import build
+    tokenizer, vocab = build(str(tmp_path / "tokenizer.json")), 512
+    config.write_text(QWEN2_CONFIG.format(tokenizer=tokenizer))
   record, workdir = tmp_path / "batches", tmp_path / "multi"
   record.mkdir()
   # started as docs/tpu.md says, through the launcher (it adds the coordinator, process count and ids)
@@ -151,8 +181,10 @@ def test_two_process_train_py_matches_one_process(tmp_path):
   fed = [r for i in range(2) for r in outs[i][0] if "local_rows" in r]
   assert len(fed) == 6 and all(r["local_rows"] == 2 and r["global_rows"] == 4 for r in fed)
   with np.load(record / "batch_1.npz") as b:
-    assert b["input_ids"].shape == (4, 128) and b["pixel_values"].shape == (4, 2, 3, 112, 112)
+    pixels = (4, 2, 3, 112, 112) if family == "qwen_vl" else (4, 192, 1176)  # images per row / patches per row
+    assert b["input_ids"].shape == (4, 128) and b["pixel_values"].shape == pixels
     assert not np.array_equal(b["input_ids"][:2], b["input_ids"][2:])  # the halves are different data
+    assert not np.array_equal(b["pixel_values"][:2], b["pixel_values"][2:])
   # both processes see the same (replicated) loss, and process 0 logged it
   assert loss0 == loss1 and gn0 == gn1
   with open(workdir / "metrics.jsonl") as f:
@@ -160,11 +192,11 @@ def test_two_process_train_py_matches_one_process(tmp_path):
   assert [m["step"] for m in logged] == [1, 2, 3]
   assert [m["last_loss"] for m in logged] == loss0
   assert os.path.isdir(workdir / "checkpoints" / "3")
-  assert abs(loss0[0] - np.log(1024)) < 0.5 and loss0[2] < loss0[0]
+  assert abs(loss0[0] - np.log(vocab)) < 0.5 and loss0[2] < loss0[0]
 
   # one process, one device, the same global batches
   single = _run(["replay", "--devices=1", f"--record={record}", "--", f"--config={config}",
-                 f"--workdir={tmp_path / 'single'}", f"--config.data.tokenizer={workdir / 'tokenizer.model'}",
+                 f"--workdir={tmp_path / 'single'}", f"--config.data.tokenizer={workdir / tokenizer}",
                  "--config.mesh.fsdp=1", "--config.mesh.tensor=1"], tmp_path / "single.log", timeout=180)
   loss_s, gn_s, rows_s = _losses(single, 0)
   assert all(r["processes"] == 1 and r["devices"] == 1 for r in rows_s)
