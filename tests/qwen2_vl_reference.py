@@ -78,3 +78,23 @@ def reference_logits(model, b):
 def ours(b):
   """The batch's arguments of `model.logits` / `model.generate` (no mm_token_type_ids)."""
   return {k: v for k, v in b.items() if k != "mm_token_type_ids"}
+
+
+def reference_positions(cfg, ids, image_grids=None, video_grids=None):
+  """transformers' `Qwen2VLModel.get_rope_index` over one sample `ids` [n] with our config `cfg`'s vision token ids
+  -> [3, n] (5.23's rule: equal to the paper's while every video has t <= max(h, w) / merge)."""
+  import torch
+  from transformers import Qwen2VLConfig, Qwen2VLModel
+  hf = Qwen2VLModel(Qwen2VLConfig(text_config=dict(vocab_size=512, hidden_size=64, num_hidden_layers=1,
+                                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                                   rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                                    "rope_theta": 1e6}),
+                                  vision_config=dict(depth=1, embed_dim=32, num_heads=2, hidden_size=64),
+                                  image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+                                  vision_start_token_id=cfg.vision_start_token_id))
+  t = torch.tensor(np.asarray(ids, np.int64)[None])
+  types = (t == cfg.image_token_id).int() + 2 * (t == cfg.video_token_id).int()
+  grids = {k: torch.tensor(np.asarray(g, np.int64)) if g is not None and len(g) else None
+           for k, g in (("image_grid_thw", image_grids), ("video_grid_thw", video_grids))}
+  pos, _ = hf.get_rope_index(t, types, attention_mask=torch.ones_like(t), **grids)
+  return pos[:, 0].numpy()

@@ -109,6 +109,22 @@ def test_bad_images_are_skipped_and_counted(tok, caplog):
     collect(DataPipeline(recs[:5], tok, config(strict=True), shuffle=False, process_index=0, process_count=1))
 
 
+def test_video_records_are_skipped_and_counted(tok, caplog):
+  """Fixed image spans hold no video: a video record is skipped with a warning (never trained on as text)."""
+  from qwenvl_jax.data.conversation import FormatError
+  from qwenvl_jax.data.shapes import generate
+  video = generate("train", 0, image_size=32, task="video_motion")
+  named_only = {**make_records(1)[0], "id": "named"}  # a reference without frames is no better
+  named_only["conversations"] = [{"from": "user", "value": "Video 1: <video>clip.mp4</video>\nWhat moves?"},
+                                 {"from": "assistant", "value": "a square"}]
+  enc = SampleEncoder(tok, config())
+  assert enc(video) is None and enc(named_only) is None and enc(make_records(1)[0]) is not None
+  assert (enc.counts["unsupported_video"], enc.counts["ok"]) == (2, 1)
+  assert "skipping shapes-train-0000000: has a video" in caplog.text and "skipping named" in caplog.text
+  with pytest.raises(FormatError, match="shapes-train-0000000: has a video; .* take images only"):
+    SampleEncoder(tok, config(strict=True))(video)
+
+
 def test_long_samples_truncated_or_dropped(tok):
   long = make_records(1)[0]
   long["conversations"][1]["value"] = "red " * 400

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from qwenvl_jax.data import shapes, tfds_sources
+from qwenvl_jax.data import video as video_lib
 from qwenvl_jax.data.boxes import box_text, normalize_box, parse_boxes, parse_ref_boxes
 
 IMG_TAG_RE = re.compile(r"<img>(.*?)</img>")
@@ -20,12 +21,21 @@ def _pixels(image: Image.Image) -> np.ndarray:
   return np.asarray(image)
 
 
+def _frames(video) -> list:
+  """A video's frames, decoded (at 2 fps: every frame of a shapes clip) when it is a file's bytes."""
+  return video_lib.read_video(video) if isinstance(video, bytes) else video
+
+
 def _same_record(a: dict, b: dict) -> bool:
-  """Same text everywhere and the same pixels in every image."""
+  """Same text everywhere and the same pixels in every image and every video frame."""
   if (a["id"], a["task"], a["conversations"], a["objects"]) != (b["id"], b["task"], b["conversations"], b["objects"]):
     return False
-  if list(a["images"]) != list(b["images"]):
+  if list(a["images"]) != list(b["images"]) or list(a.get("videos", {})) != list(b.get("videos", {})):
     return False
+  for name in a.get("videos", {}):
+    fa, fb = _frames(a["videos"][name]), _frames(b["videos"][name])
+    if len(fa) != len(fb) or not all(np.array_equal(_pixels(x), _pixels(y)) for x, y in zip(fa, fb)):
+      return False
   return all(np.array_equal(_pixels(a["images"][k]), _pixels(b["images"][k])) for k in a["images"])
 
 
@@ -36,8 +46,8 @@ def _turns(record: dict) -> list[tuple[str, str]]:
   return [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv), 2)]
 
 
-def _question(text: str, num_images: int) -> str:
-  prefix = shapes.picture_prefix(num_images)
+def _question(text: str, num_images: int, num_videos: int = 0) -> str:
+  prefix = shapes.picture_prefix(num_images) + shapes.video_prefix(num_videos)
   assert text.startswith(prefix)
   return text[len(prefix):]
 
@@ -89,13 +99,14 @@ def _check_text(question: str, answer: str) -> None:
 def _check_record(record: dict, image_size: int = shapes.DEFAULT_IMAGE_SIZE) -> None:
   """Format and answer consistency of one record, whatever its task."""
   task, images, objects = record["task"], record["images"], record["objects"]
-  assert task in shapes.TASKS
+  videos = record.get("videos", {})
+  assert task in shapes.TASKS and ("videos" in record) == (task in shapes.VIDEO_TASKS)
   assert re.fullmatch(r"shapes-(train|validation|test)-\d{7}", record["id"])
   turns = _turns(record)
   # The <img> references of the first user turn are exactly the image keys, in order; later turns name none.
   assert IMG_TAG_RE.findall(turns[0][0]) == list(images)
   assert all(not IMG_TAG_RE.findall(q) for q, _ in turns[1:])
-  assert len(objects) == len(images)
+  assert len(objects) == len(images) + len(videos)  # one list per image, then per video
   for image, objs in zip(images.values(), objects):
     assert image.mode == "RGB" and image.size == (image_size, image_size)
     for obj in objs:
@@ -104,8 +115,23 @@ def _check_record(record: dict, image_size: int = shapes.DEFAULT_IMAGE_SIZE) -> 
       assert 0 <= x1 < x2 <= image_size and 0 <= y1 < y2 <= image_size
   for question, answer in turns:
     assert answer and "\n" not in answer
-  question, answer = _question(turns[0][0], len(images)), turns[0][1]
-  if task.startswith("vqa_"):
+  question, answer = _question(turns[0][0], len(images), len(videos)), turns[0][1]
+  if task == "video_motion":
+    assert images == {} and list(videos) == ["vid0"] and len(turns) == 1
+    frames, (obj,) = videos["vid0"], objects[0]
+    assert len(frames) in (4, 6, 8) and len(obj["boxes"]) == len(frames)
+    assert all(f.mode == "RGB" and f.size == (image_size, image_size) for f in frames)
+    assert question == f"Which way does the {obj['color']} {obj['shape']} move?" and answer == obj["direction"]
+    # the painted pixels move the way the answer says, in a straight line
+    centres = []
+    for frame in frames:
+      ys, xs = np.nonzero(np.all(_pixels(frame) == shapes.COLORS[obj["color"]], axis=-1))
+      centres.append((xs.mean(), ys.mean()))
+    dx, dy = np.diff(np.asarray(centres), axis=0).T
+    moved = {"left": (dx < 0) & (abs(dy) < 1e-6), "right": (dx > 0) & (abs(dy) < 1e-6),
+             "up": (dy < 0) & (abs(dx) < 1e-6), "down": (dy > 0) & (abs(dx) < 1e-6)}[answer]
+    assert moved.all(), (answer, centres)
+  elif task.startswith("vqa_"):
     assert len(images) == 1 and " " not in answer
     for k, (q, a) in enumerate(turns):
       _check_vqa(q if k else question, a, objects[0])
@@ -158,6 +184,8 @@ def default_records() -> list[dict]:
 
 def test_mix_constants():
   assert set(shapes.DEFAULT_MIX) == set(shapes.TASKS)
+  # the video task is opt-in: the default mix (and every record it draws) is what it was without it
+  assert all(shapes.DEFAULT_MIX[t] == 0 for t in shapes.VIDEO_TASKS) and shapes.TASKS[-1] == "video_motion"
   assert abs(sum(shapes.DEFAULT_MIX.values()) - 1.0) < 1e-9
   assert shapes.SPLIT_SIZES == {"train": 20000, "validation": 500, "test": 500}
   assert len(shapes.WORDS) == len(set(shapes.WORDS)) >= 50
@@ -188,7 +216,7 @@ def test_splits_and_seeds_differ():
 
 
 def test_default_mix_covers_every_task_and_records_are_consistent(default_records):
-  counts = {task: 0 for task in shapes.TASKS}
+  counts = {task: 0 for task in shapes.TASKS if shapes.DEFAULT_MIX[task] > 0}
   multi_turn = 0
   for record in default_records:
     _check_record(record)
@@ -403,6 +431,21 @@ def test_tfds_shapes_custom_config(tfds_dir):
     assert len(source) == n
     for i in range(n):
       assert _same_record(source[i], shapes.generate(split, i, seed=5, image_size=64, mix=mix))
+
+
+def test_tfds_shapes_videos_are_video_files(tfds_dir):
+  config = tfds_sources.ShapesConfig(name="clips", num_train=3, num_validation=0, num_test=0, seed=2, image_size=40,
+                                     mix=(("video_motion", 1.0), ("caption", 1.0)))
+  tfds_sources.prepare_shapes(tfds_dir, config)
+  source = tfds_sources.ShapesTfdsSource(tfds_dir, "train", "clips")
+  mix = {"video_motion": 1.0, "caption": 1.0}
+  records = [source[i] for i in range(3)]
+  assert any("videos" in r for r in records)
+  for i, r in enumerate(records):
+    want = shapes.generate("train", i, seed=2, image_size=40, mix=mix)
+    # a real (lossless) video file that, sampled at 2 fps, gives back every frame pixel for pixel
+    assert all(isinstance(v, bytes) for v in r.get("videos", {}).values())
+    assert _same_record(r, want), i
 
 
 def test_tfds_caption_adapter(tfds_dir):

@@ -26,12 +26,12 @@ ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
 
 
 class ImageError(ValueError):
-  """An image that cannot be used; the message is one line naming the image and the problem."""
+  """An image (or video: kind="video") that cannot be used; the message is one line naming it and the problem."""
 
-  def __init__(self, name: str, problem: str):
-    # callers log these per sample: keep them on one line whatever PIL put in its message
+  def __init__(self, name: str, problem: str, kind: str = "image"):
+    # callers log these per sample: keep them on one line whatever PIL (or FFmpeg) put in its message
     name = " ".join(str(name).splitlines())
-    super().__init__(f"cannot load image {name}: {' '.join(str(problem).split())}")
+    super().__init__(f"cannot load {kind} {name}: {' '.join(str(problem).split())}")
     self.name = name
 
 

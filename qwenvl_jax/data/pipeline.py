@@ -9,9 +9,9 @@ a loss mask, a task id per token and preprocessed images; several samples are pa
     task_ids     [B, L] int32 (index into `task_names` + 1; 0 = padding / unknown)
     pixel_values [B, M, 3, S, S] float32 (row b's k-th <img> span takes slot k)    image_mask [B, M] bool
 
-Samples that fail (unreadable image, too long under the 'drop' policy, too many images) are skipped with a
-warning naming the record and counted; `strict=True` raises instead. Counts are logged after each epoch's worth
-of samples and at the end of the data.
+Samples that fail (unreadable image, too long under the 'drop' policy, too many images, a video: fixed image spans
+cannot hold one) are skipped with a warning naming the record and counted; `strict=True` raises instead. Counts
+are logged after each epoch's worth of samples and at the end of the data.
 The iterator state is checkpointable (`get_state` / `set_state`). Families whose images keep their own resolution
 (Qwen2-VL) bring their own sample encoder and pack on two budgets (`build_patch_dataset`, `patch_packing.py`).
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import re
 import threading
 
 import grain
@@ -44,6 +45,15 @@ from qwenvl_jax.data.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger("qwenvl_jax.data")
 PACKERS = ("window", "first_fit")
+_VIDEO_REF = re.compile(r"<video>.*?</video>", re.S)
+
+
+def has_video(record: dict) -> bool:
+  """Whether a record holds or names a video (`videos` entries, or a `<video>..</video>` reference in a turn)."""
+  if record.get("videos"):
+    return True
+  turns = record.get("conversations") or ()
+  return any(isinstance(t, dict) and _VIDEO_REF.search(str(t.get("value", ""))) for t in turns)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +132,12 @@ class SampleEncoder:
     return Tokenized(ids, mask), kept_images
 
   def __call__(self, record: dict):
+    if has_video(record):  # would otherwise train on the reference as text, the clip never seen
+      why = "has a video; this pipeline's fixed image spans take images only (videos need a Qwen2-VL model)"
+      if self.cfg.strict:
+        raise FormatError(f"{record.get('source') or record.get('id', '?')}: {why}")
+      self._count("unsupported_video", record, why)
+      return None
     try:
       t, refs = self.tokenize(record)
     except (FormatError, TokenizerError, KeyError, IndexError) as e:

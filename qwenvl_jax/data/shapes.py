@@ -3,7 +3,9 @@
 Every record is a pure function of (seed, split, index): the RNG is `np.random.default_rng([seed, split_id, index])`,
 so the three splits are independent streams and any record can be made on demand (random access for Grain).
 The task mix mirrors the Qwen-VL stage-2 multi-task data (captioning, VQA, grounding, grounded captions, OCR,
-multi-image and pure text), scaled down to a world a tiny model can learn: 3 shapes, 6 colours, 1-3 objects.
+multi-image and pure text), scaled down to a world a tiny model can learn: 3 shapes, 6 colours, 1-3 objects. One
+video task ("video_motion": a short clip of a shape moving left, right, up or down) is for the families that take
+videos (Qwen2-VL); it has weight 0 in DEFAULT_MIX, so it is only drawn when a mix names it.
 
 Scene rules that keep every question answerable: the colours inside one image are distinct (so "the red object"
 and "the red circle" always name one object), objects never overlap horizontally (so "left of" and the
@@ -53,11 +55,14 @@ OPPOSITES: tuple[tuple[str, str], ...] = (
 
 TASKS: tuple[str, ...] = (
   "caption", "vqa_color", "vqa_shape", "vqa_count", "vqa_position", "grounding", "grounded_caption", "ocr",
-  "multi_image", "text")
+  "multi_image", "text", "video_motion")
+# video_motion last and at weight 0: the default mix draws exactly the records it drew before videos existed
 DEFAULT_MIX: dict[str, float] = {
   "caption": 0.14, "vqa_color": 0.10, "vqa_shape": 0.10, "vqa_count": 0.10, "vqa_position": 0.10,
-  "grounding": 0.14, "grounded_caption": 0.10, "ocr": 0.10, "multi_image": 0.07, "text": 0.05,
+  "grounding": 0.14, "grounded_caption": 0.10, "ocr": 0.10, "multi_image": 0.07, "text": 0.05, "video_motion": 0.0,
 }
+VIDEO_TASKS: tuple[str, ...] = ("video_motion",)
+DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 SPLIT_IDS: dict[str, int] = {name: i for i, name in enumerate(SPLITS)}
 TRAIN_SIZE = 20000
@@ -79,6 +84,11 @@ Objects = list[dict[str, Any]]
 def picture_prefix(num_images: int) -> str:
   """The official Qwen-VL chat prefix naming each image: `Picture k: <img>img{k-1}</img>\\n`."""
   return "".join(f"Picture {k + 1}: <img>img{k}</img>\n" for k in range(num_images))
+
+
+def video_prefix(num_videos: int) -> str:
+  """The Qwen2-VL chat prefix naming each video: `Video k: <video>vid{k-1}</video>\\n`."""
+  return "".join(f"Video {k + 1}: <video>vid{k}</video>\n" for k in range(num_videos))
 
 
 def resolve_mix(mix: Mapping[str, float] | Sequence[str] | None) -> tuple[tuple[str, ...], np.ndarray]:
@@ -305,6 +315,34 @@ def _multi_image(rng: np.random.Generator, size: int) -> tuple[list, list, list]
   return images, [(question, f"Picture {answer + 1}")], scenes
 
 
+def _video_motion(rng: np.random.Generator, size: int) -> tuple[list, list, list]:
+  """(frames, [(question, direction)], [[object]]): one shape crossing the frame in a straight line, 4, 6 or 8
+  frames (even: whole temporal patches of 2). The object's "boxes" hold its box in every frame."""
+  n = 2 * int(rng.integers(2, 5))
+  direction = DIRECTIONS[int(rng.integers(len(DIRECTIONS)))]
+  color = COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]
+  shape = SHAPES[int(rng.integers(len(SHAPES)))]
+  side = int(rng.integers(int(0.2 * size), int(0.3 * size) + 1))
+  margin = _margin(size)
+  far = size - margin - side  # the last top-left coordinate that keeps the shape inside
+  across = int(rng.integers(margin, far + 1))
+  # from near one edge to near the other: the motion spans at least half the frame, so any frame pair shows it
+  path = np.round(np.linspace(margin, far, n)).astype(int)
+  if direction in ("left", "up"):
+    path = path[::-1]
+  background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+  frames, boxes = [], []
+  for p in path:
+    x, y = (int(p), across) if direction in ("left", "right") else (across, int(p))
+    box = [float(x), float(y), float(x + side), float(y + side)]
+    image = Image.new("RGB", (size, size), background)
+    _draw_objects(ImageDraw.Draw(image), [{"shape": shape, "color": color, "box": box}])
+    frames.append(image)
+    boxes.append(box)
+  obj = {"shape": shape, "color": color, "direction": direction, "box": boxes[0], "boxes": boxes}
+  return frames, [(f"Which way does the {color} {shape} move?", direction)], [obj]
+
+
 def _text(rng: np.random.Generator) -> tuple[list, list, list]:
   kind = int(rng.integers(6))
   if kind == 0:
@@ -349,35 +387,45 @@ def _make(split: str, index: int, seed: int, image_size: int | tuple[int, int], 
     task = names[min(int(np.searchsorted(cum, draw, side="right")), len(names) - 1)]
   elif task not in TASKS:
     raise ValueError(f"unknown shapes task {task!r}; known: {TASKS}")
+  videos: list = []
   if task == "ocr":
     images, turns, objects = _ocr(rng, image_size)
   elif task == "multi_image":
     images, turns, objects = _multi_image(rng, image_size)
   elif task == "text":
     images, turns, objects = _text(rng)
+  elif task == "video_motion":
+    frames, turns, moving = _video_motion(rng, image_size)
+    images, videos, objects = [], [frames], [moving]
   else:
     images, turns, objects = _single_image_task(task, rng, image_size)
   conversations = []
   for k, (question, answer) in enumerate(turns):
-    # Images are introduced once, in the first user turn; follow-ups refer back to them.
-    conversations.append({"from": "user", "value": (picture_prefix(len(images)) if k == 0 else "") + question})
+    # Images (videos) are introduced once, in the first user turn; follow-ups refer back to them.
+    prefix = picture_prefix(len(images)) + video_prefix(len(videos)) if k == 0 else ""
+    conversations.append({"from": "user", "value": prefix + question})
     conversations.append({"from": "assistant", "value": answer})
-  return {
+  record = {
     "id": f"shapes-{split}-{index:07d}",
     "task": task,
     "images": {f"img{k}": image for k, image in enumerate(images)},
     "conversations": conversations,
     "objects": objects,
   }
+  if videos:  # only video records carry the key: every other record stays as it was
+    record["videos"] = {f"vid{k}": frames for k, frames in enumerate(videos)}
+  return record
 
 
 def generate(split: str, index: int, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE,
              mix: Mapping[str, float] | Sequence[str] | None = None, task: str | None = None) -> dict[str, Any]:
-  """Record `index` of `split`: {"id", "task", "images": {name: PIL RGB}, "conversations", "objects"}.
+  """Record `index` of `split`: {"id", "task", "images": {name: PIL RGB}, "conversations", "objects"}, and for the
+  video task "videos": {name: [PIL RGB frames]}.
 
   `mix` weights the tasks (a dict, or a list of names for equal weights; default DEFAULT_MIX); `task` forces one.
-  `objects` holds one list per image of {"shape", "color", "box": [x1, y1, x2, y2] pixels} (OCR words appear as
-  shape "text" with an extra "text" key).
+  `objects` holds one list per image, then one per video, of {"shape", "color", "box": [x1, y1, x2, y2] pixels}
+  (OCR words appear as shape "text" with an extra "text" key; a video's object has its "direction" and "boxes", one
+  per frame, "box" being the first).
   """
   names, cum = resolve_mix(mix)
   return _make(split, int(index), int(seed), int(image_size), names, cum, task)

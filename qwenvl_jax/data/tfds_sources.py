@@ -8,7 +8,9 @@ looks for metadata files next to the module); and a builder inside a package ove
 `ShapesDataset.code_path`), or TFDS needs the `importlib_resources` backport to look for download checksums.
 
 Every source here returns records in the project's common format:
-`{"id", "task", "images": {"img0": PIL RGB, ...}, "conversations": [{"from", "value"}, ...], "objects": [[...]]}`.
+`{"id", "task", "images": {"img0": PIL RGB, ...}, "conversations": [{"from", "value"}, ...], "objects": [[...]]}`;
+records with videos (the shapes "video_motion" task) add `"videos": {"vid0": video file bytes}`, which the Qwen2-VL
+processor decodes (`data.video.read_video`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from PIL import Image
 
 from qwenvl_jax.data import shapes
 from qwenvl_jax.data.boxes import box_text, normalize_box
+from qwenvl_jax.data.video import DEFAULT_FPS, read_video, write_video
 
 SHAPES_DATASET_NAME = "qwenvl_shapes"
 BOX_FORMATS = ("xyxy_pixels", "yxyx_normalized", "xyxy_normalized", "xywh_pixels")
@@ -51,12 +54,14 @@ class ShapesDataset(tfds.core.GeneratorBasedBuilder):
 
   Configs: "default" (20000/500/500 at 112 px), "tiny" (20/5/5 at 112 px), "res448" (default sizes at 448 px);
   pass `config=ShapesConfig(name=..., ...)` for any other build. Record i of a split is `shapes.generate(split, i)`
-  (shuffling is disabled so the order is kept).
+  (shuffling is disabled so the order is kept). Videos are stored as video files (lossless FFV1 in Matroska at
+  DEFAULT_FPS frames per second, so sampling them at that rate gives back every frame, pixel for pixel).
   """
 
   name = SHAPES_DATASET_NAME
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release.",
+                                             "1.1.0": "Videos (video file bytes) for the video_motion task."}
   BUILDER_CONFIGS: ClassVar[list[ShapesConfig]] = [
     ShapesConfig(name="default", description="20000/500/500 records at 112 px."),
     ShapesConfig(name="tiny", num_train=20, num_validation=5, num_test=5, description="20/5/5 records, for tests."),
@@ -84,6 +89,8 @@ class ShapesDataset(tfds.core.GeneratorBasedBuilder):
         "task": tfds.features.Text(),
         "images": tfds.features.Sequence(tfds.features.Image(shape=(None, None, 3), encoding_format="png")),
         "image_names": tfds.features.Sequence(tfds.features.Text()),
+        "videos": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),  # encoded files
+        "video_names": tfds.features.Sequence(tfds.features.Text()),
         "conversations_json": tfds.features.Text(),
         "objects_json": tfds.features.Text(),
       }),
@@ -104,13 +111,17 @@ class ShapesDataset(tfds.core.GeneratorBasedBuilder):
 
 
 def record_to_example(record: Mapping[str, Any]) -> dict[str, Any]:
-  """Common-format record -> a `ShapesDataset` example (PIL images, JSON text for the nested fields)."""
+  """Common-format record -> a `ShapesDataset` example (PIL images, videos as video file bytes, JSON text for the
+  nested fields). A video given as frames is encoded here; one given as a file's bytes is kept as it is."""
   names = list(record["images"])
+  videos = record.get("videos") or {}
   return {
     "id": record["id"],
     "task": record["task"],
     "images": [record["images"][name].convert("RGB") for name in names],
     "image_names": names,
+    "videos": [_video_bytes(videos[name]) for name in videos],
+    "video_names": list(videos),
     "conversations_json": json.dumps(record["conversations"]),
     "objects_json": json.dumps(record.get("objects", [])),
   }
@@ -119,13 +130,27 @@ def record_to_example(record: Mapping[str, Any]) -> dict[str, Any]:
 def example_to_record(example: Mapping[str, Any]) -> dict[str, Any]:
   """A decoded `ShapesDataset` example (as a data source returns it) -> common-format record."""
   names = [_to_text(name) for name in example["image_names"]]
-  return {
+  record = {
     "id": _to_text(example["id"]),
     "task": _to_text(example["task"]),
     "images": {name: _to_pil(image) for name, image in zip(names, example["images"])},
     "conversations": json.loads(_to_text(example["conversations_json"])),
     "objects": json.loads(_to_text(example["objects_json"])),
   }
+  video_names = [_to_text(name) for name in example.get("video_names", ())]
+  if video_names:  # as shapes.generate: only records with videos have the key
+    record["videos"] = {name: bytes(data) for name, data in zip(video_names, example["videos"])}
+  return record
+
+
+def _video_bytes(video) -> bytes:
+  """A video file's bytes as given, or frames encoded at DEFAULT_FPS (read back at that rate: the same frames)."""
+  if isinstance(video, (bytes, bytearray, memoryview, np.bytes_)):
+    return bytes(video)
+  data = write_video(video, fps=DEFAULT_FPS)
+  if len(read_video(data, fps=DEFAULT_FPS)) != len(video):  # cheap (tiny clips), and a wrong rate would be silent
+    raise ValueError(f"a {len(video)}-frame clip does not read back frame for frame at {DEFAULT_FPS} fps")
+  return data
 
 
 def prepare_shapes(data_dir: str | os.PathLike, config: str | ShapesConfig = "default") -> ShapesDataset:

@@ -5,12 +5,20 @@ scaled into [min_pixels, max_pixels] (`smart_resize`, as the transformers proces
 even). Pixels: PIL bicubic resize of the RGB uint8 image, / 255 (in float64, then float32), CLIP mean/std. Patches
 are rows [C * T * p * p] walked in merge x merge windows (window row, window column, row in window, column in
 window), so the merger's 2x2 groups are 4 consecutive rows; an image repeats itself over the T = 2 temporal slots.
-Videos are lists of frames (all frames used: sample them before), padded to a multiple of T by repeating the last
-frame, frame 2k and 2k+1 forming temporal patch k; frames are resized like images (PIL bicubic).
+Videos are video files (a path or the file's bytes: decoded by `data.video.read_video`, `video_fps` frames per
+second, 2 as in Qwen2-VL) or lists of frames (all frames used: sample them before), padded to a multiple of T by
+repeating the last frame, frame 2k and 2k+1 forming temporal patch k; frames are resized like images (PIL bicubic).
+
+Token cap (`video_max_tokens`, 16384 as in the Qwen2-VL paper; 0 / None: none): a video whose t * h * w / merge^2
+tokens at its smart_resize'd size would exceed the cap gets a smaller frame size instead (all frames alike, aspect
+kept, multiples of 28, at least one 28 x 28 merged patch), so it keeps its whole duration. Only when even the
+smallest size is too much for that many frames are frames dropped, evenly over the video and to an even count
+(whole temporal patches, no padding frame). Either way the grid says what was produced, so the placeholder count
+(`tokens(grid)`) always matches the features: nothing is cut later.
 
     proc = Qwen2VLProcessor.from_pretrained(folder, max_pixels=512 * 28 * 28)
     out = proc(images=[img, ...])     # {"pixel_values": [P, 1176] float32, "image_grid_thw": [N, 3] int64}
-    out = proc(videos=[[f0, f1, ...]])  # {"pixel_values_videos": [...], "video_grid_thw": [...]}
+    out = proc(videos=["clip.mp4", [f0, f1, ...]])  # {"pixel_values_videos": [...], "video_grid_thw": [...]}
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from qwenvl_jax.data.images import CLIP_MEAN, CLIP_STD, ImageError, load_image
+from qwenvl_jax.data.video import DEFAULT_FPS, read_video
 from qwenvl_jax.models.qwen2_vl.positions import tokens_of
 
 
@@ -59,6 +68,8 @@ class Qwen2VLProcessor:
   rescale_factor: float = 1 / 255
   video_min_pixels: int | None = None   # None: the image budget
   video_max_pixels: int | None = None
+  video_fps: float = DEFAULT_FPS          # frames per second sampled from a video file
+  video_max_tokens: int | None = 16384    # LLM tokens per video at most (module docstring); 0 / None: no cap
 
   def __post_init__(self):
     if not 0 < self.min_pixels <= self.max_pixels:
@@ -67,6 +78,8 @@ class Qwen2VLProcessor:
     factor = self.factor
     if self.max_pixels < factor * factor:
       raise ValueError(f"max_pixels {self.max_pixels} is below one {factor}x{factor} merged patch")
+    if not self.video_fps > 0 or (self.video_max_tokens or 0) < 0:
+      raise ValueError(f"need video_fps > 0 and video_max_tokens >= 0; got {self.video_fps}, {self.video_max_tokens}")
 
   @classmethod
   def for_config(cls, cfg, **overrides) -> "Qwen2VLProcessor":
@@ -108,9 +121,34 @@ class Qwen2VLProcessor:
     h, w = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
     return 1, h // self.patch_size, w // self.patch_size
 
+  def video_size(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """(frames kept, height, width in pixels) of a video of `frames` frames of height x width: smart_resize'd, then
+    fitted to `video_max_tokens` (module docstring: smaller frames first, fewer frames only past the smallest)."""
+    f, t_size = self.factor, self.temporal_patch_size
+    lo, hi = self.video_min_pixels or self.min_pixels, self.video_max_pixels or self.max_pixels
+    h, w = smart_resize(height, width, f, lo, hi)
+    cap, t = self.video_max_tokens, -(-frames // t_size)
+    if not cap or t * (h // f) * (w // f) <= cap:
+      return frames, h, w
+    budget = cap // t  # tokens (merged patches) one temporal patch may take
+    while budget >= 1:
+      px = budget * f * f
+      h, w = smart_resize(height, width, f, min(lo, px), min(hi, px))
+      per = (h // f) * (w // f)  # can exceed the budget: smart_resize keeps every side >= 28
+      if t * per <= cap:
+        return frames, h, w
+      budget = min(budget - 1, budget * cap // (t * per))
+    # still too many frames at the smallest size: keep as many whole temporal patches as fit
+    h, w = smart_resize(height, width, f, min(lo, f * f), f * f)
+    per = (h // f) * (w // f)
+    if per > cap:
+      raise ValueError(f"video of {width}x{height} needs {per} tokens per frame pair even at its smallest size, "
+                       f"over video_max_tokens={cap}")
+    return cap // per * t_size, h, w
+
   def video_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
-    h, w = smart_resize(height, width, self.factor, self.video_min_pixels or self.min_pixels,
-                        self.video_max_pixels or self.max_pixels)
+    """Patch grid (t, h, w) of a video of `frames` frames of height x width pixels (after the token cap)."""
+    frames, h, w = self.video_size(frames, height, width)
     return -(-frames // self.temporal_patch_size), h // self.patch_size, w // self.patch_size
 
   def tokens(self, grid) -> int:
@@ -147,17 +185,24 @@ class Qwen2VLProcessor:
     frames = np.broadcast_to(x[None], (self.temporal_patch_size,) + x.shape)
     return self._patchify(frames), np.asarray(grid, np.int64)
 
-  def preprocess_video(self, frames, name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Frames (paths, bytes or PIL images of one video) -> (patches [t*h*w, C*T*p*p] float32, grid [3] int64)."""
-    name = name or "video"
-    if len(frames) == 0:
-      raise ImageError(name, "a video needs at least one frame")
-    imgs = [load_image(f, name=f"{name} frame {i}") for i, f in enumerate(frames)]
+  def preprocess_video(self, video, name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One video: a video file (path or bytes, sampled at video_fps) or its frames (paths, bytes or PIL images)
+    -> (patches [t*h*w, C*T*p*p] float32, grid [3] int64)."""
+    if isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview)):
+      imgs = read_video(video, fps=self.video_fps, name=name)
+      name = name or "video"
+    else:
+      name = name or "video"
+      if len(video) == 0:
+        raise ImageError(name, "a video needs at least one frame", kind="video")
+      imgs = [load_image(f, name=f"{name} frame {i}") for i, f in enumerate(video)]
     sizes = {im.size for im in imgs}
     if len(sizes) > 1:
-      raise ImageError(name, f"frames differ in size: {sorted(sizes)}")
-    grid = self.video_grid(len(imgs), imgs[0].height, imgs[0].width)
-    h, w = grid[1] * self.patch_size, grid[2] * self.patch_size
+      raise ImageError(name, f"frames differ in size: {sorted(sizes)}", kind="video")
+    kept, h, w = self.video_size(len(imgs), imgs[0].height, imgs[0].width)
+    if kept < len(imgs):  # past the token cap even at the smallest size: frames spread evenly over the video
+      imgs = [imgs[i] for i in np.linspace(0, len(imgs) - 1, kept).round().astype(int)]
+    grid = (-(-kept // self.temporal_patch_size), h // self.patch_size, w // self.patch_size)
     x = np.stack([self._normalized(im, h, w) for im in imgs])
     pad = -len(imgs) % self.temporal_patch_size
     if pad:
@@ -174,7 +219,8 @@ class Qwen2VLProcessor:
                                                                                           np.float32)
       out["image_grid_thw"] = np.stack([g for _, g in parts]) if parts else np.zeros((0, 3), np.int64)
     if videos is not None:
-      parts = [self.preprocess_video(v, name=f"videos[{i}]") for i, v in enumerate(videos)]
+      parts = [self.preprocess_video(v, name=None if isinstance(v, (str, os.PathLike)) else f"videos[{i}]")
+               for i, v in enumerate(videos)]
       out["pixel_values_videos"] = np.concatenate([p for p, _ in parts]) if parts else np.zeros(
           (0, self.patch_dim), np.float32)
       out["video_grid_thw"] = np.stack([g for _, g in parts]) if parts else np.zeros((0, 3), np.int64)

@@ -7,10 +7,11 @@ and the patches of its images and videos at their own resolution (naive dynamic 
 Layout and targets: `data.conversation.chatml_sample` (answers and their `<|im_end|>` are the targets). A user turn
 starting with `Picture k: <img>name</img>\\n` / `Video k: <video>name</video>\\n` lines gets one
 `<|vision_start|><|image_pad|>*n<|vision_end|>` block per image (n from the image's grid after `smart_resize`
-between the processor's min_pixels and max_pixels), then its text. Grounding written the Qwen-VL way in the data
-(`<ref>..</ref><box>(x1,y1),(x2,y2)</box>`, coordinates in [0, 1000) as in Qwen2-VL) becomes Qwen2-VL's tokens
-(`<|object_ref_start|>..<|object_ref_end|><|box_start|>..<|box_end|>`). Positions are each sample's own
-(`positions.rope_index` over the sample alone), so packing never changes them.
+between the processor's min_pixels and max_pixels), then its text. A video (`record["videos"][name]`) is a video file
+(path or bytes, sampled at the processor's `video_fps`) or a list of frames, sized within its `video_max_tokens`.
+Grounding written the Qwen-VL way in the data (`<ref>..</ref><box>(x1,y1),(x2,y2)</box>`, coordinates in [0, 1000)
+as in Qwen2-VL) becomes Qwen2-VL's tokens (`<|object_ref_start|>..<|object_ref_end|><|box_start|>..<|box_end|>`).
+Positions are each sample's own (`positions.rope_index` over the sample alone), so packing never changes them.
 
 Skipped (or raised with strict=True): an unreadable image or video, an aspect ratio beyond 200:1, a sample longer
 than seq_len (visual tokens are never cut) or with more patches than the batch's patch budget.
@@ -63,7 +64,7 @@ class Qwen2VLSampleEncoder(SampleEncoder):
     where = f"{record.get('id', '?')}:{ref}"
     table = record.get("images" if kind == "image" else "videos") or {}
     if ref not in table:
-      raise ImageError(where, f"no {kind} named {ref!r} in the record")
+      raise ImageError(where, f"no {kind} named {ref!r} in the record", kind=kind)
     try:
       if kind == "image":
         return self.proc.preprocess_image(table[ref], name=where)
@@ -71,7 +72,7 @@ class Qwen2VLSampleEncoder(SampleEncoder):
     except ImageError:
       raise
     except ValueError as e:  # smart_resize: no area, aspect ratio beyond 200:1
-      raise ImageError(where, str(e)) from None
+      raise ImageError(where, str(e), kind=kind) from None
 
   def encode(self, record: dict) -> dict:
     """The sample of one record; FormatError / ImageError / TokenizerError / ValueError name what is wrong."""
