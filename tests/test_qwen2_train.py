@@ -53,6 +53,7 @@ def test_trains_on_any_resolution_batches(reference):
   losses = [m["last_loss"] for m in logged]
   assert all(np.isfinite(losses)) and abs(losses[0] - np.log(512)) < 1.0  # a fresh model near ln(vocab)
   assert min(losses[3:]) < losses[0] - 0.3, losses  # and it learns
+  assert all(0 < m["mfu"] < 1 for m in logged[1:])  # counted from each batch's real tokens and patches
   assert checkpoint_steps(reference) == [3, 6]
   with open(os.path.join(reference, "config.json")) as f:
     assert json.load(f)["data"]["patch_budget"] == 320

@@ -40,6 +40,7 @@ class Family:
   # any-resolution families: (tokenizer, cfg, processor, DataConfig, patch_budget) -> sample encoder whose samples
   # are packed on tokens and patches (data/patch_packing.py); None: fixed image spans (data/pipeline.py)
   sample_encoder: Callable[..., Any] | None = None
+  batch_vision_flops: Callable[[Any, dict], float] | None = None  # (cfg, packed batch) -> vision FLOPs it feeds
 
   def get_config(self, name, **overrides):
     if isinstance(name, self.config_class):

@@ -26,7 +26,7 @@ from qwenvl_jax.sharding import LOGICAL_RULES, make_mesh
 from qwenvl_jax.train.checkpointing import TrainCheckpointer
 from qwenvl_jax.train.optimizer import make_optimizer
 from qwenvl_jax.train.state import bytes_per_device, create_state, state_shardings
-from qwenvl_jax.train.step import StepOptions, flops_per_step, train_step
+from qwenvl_jax.train.step import StepOptions, fed_flops, flops_per_step, train_step
 
 log = logging.getLogger("qwenvl_jax.train")
 
@@ -226,10 +226,13 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
   writer = _tb_writer(c, workdir, purge_step=start + 1) if primary else None
   total = c.optim.total_steps
-  flops = flops_per_step(cfg, c.data.batch_size, c.data.seq_len, _images_per_step(c, cfg, processor), processor)
+  # MFU: fixed-span families compute the same every step; any-resolution batches count what each one feeds (the
+  # local batch's FLOPs times the hosts: every host feeds as many rows)
+  fixed_flops = None if any_resolution(cfg) else flops_per_step(cfg, c.data.batch_size, c.data.seq_len,
+                                                                 c.data.batch_size * c.data.max_images, processor)
   peak = (c.peak_flops or measure_matmul_peak()) * jax.device_count()
   bar = _progress(start, total) if (primary and c.log.progress) else None
-  window = {"loss": 0.0, "n": 0, "steps": 0, "tokens": 0.0, "time": time.perf_counter(),
+  window = {"loss": 0.0, "n": 0, "steps": 0, "tokens": 0.0, "flops": 0.0, "time": time.perf_counter(),
             "task": np.zeros(len(tasks)), "task_n": np.zeros(len(tasks))}
   last: dict = {}
   step = start
@@ -237,7 +240,9 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
   try:
     with jax.set_mesh(mesh), _logical_rules():
       while step < total:
-        batch = _global_batch(next(data_iter), batch_sharding)
+        local = next(data_iter)
+        step_flops = fixed_flops or fed_flops(cfg, local) * jax.process_count()
+        batch = _global_batch(local, batch_sharding)
         trace.before(step + 1)
         state, metrics = step_fn(state, batch)
         step += 1
@@ -256,13 +261,14 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
           window["task_n"] += np.asarray(m["task_tokens"])
         window["steps"] += 1
         window["tokens"] += float(m["tokens"])
+        window["flops"] += step_flops
         if step == start + 1:  # the first step of a run includes compilation: keep it out of throughput and MFU
-          window.update(time=time.perf_counter(), steps=0, tokens=0.0)
+          window.update(time=time.perf_counter(), steps=0, tokens=0.0, flops=0.0)
         if bar is not None:
           bar.update(1)
           bar.set_postfix(loss=f"{float(m['loss']):.3f}")
         if step % c.log.every == 0 or step == total:
-          last = _log_window(window, m, step, total, flops, peak, tasks, writer, bar)
+          last = _log_window(window, m, step, total, peak, tasks, writer, bar)
           if primary:
             with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
               f.write(json.dumps({"step": step, "last_loss": float(m["loss"]), **last}) + "\n")
@@ -315,16 +321,6 @@ def _logical_rules():
   return nn.logical_axis_rules(LOGICAL_RULES)
 
 
-def _images_per_step(c, cfg, processor) -> float:
-  """Images the vision FLOPs count: the image slots of fixed-span families; for any-resolution ones the patch
-  budget in images of the largest size (an approximation: attention cost is not linear in patches)."""
-  if not any_resolution(cfg):
-    return c.data.batch_size * c.data.max_images
-  side = int(processor.max_pixels ** 0.5)
-  _, h, w = processor.image_grid(side, side)
-  return c.data.patch_budget / (h * w)
-
-
 def _global_batch(local: dict, sharding) -> dict:
   if jax.process_count() == 1:
     return jax.device_put(local, sharding)
@@ -362,13 +358,13 @@ def _progress(start, total):
   return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _log_window(w, m, step, total, flops, peak, tasks, writer, bar) -> dict:
+def _log_window(w, m, step, total, peak, tasks, writer, bar) -> dict:
   dt = max(time.perf_counter() - w["time"], 1e-9)
   steps = w["steps"]
   nan = float("nan")
   out = {"loss": w["loss"] / w["n"] if w["n"] else nan, "grad_norm": float(m["grad_norm"]),
          "lr": float(m["lr"]), "tokens_per_s": w["tokens"] / dt if steps else nan,
-         "steps_per_s": steps / dt if steps else nan, "mfu": flops * steps / dt / peak if steps else nan}
+         "steps_per_s": steps / dt if steps else nan, "mfu": w["flops"] / dt / peak if steps else nan}
   for i, name in enumerate(tasks):
     if w["task_n"][i] > 0:
       out[f"loss/{name}"] = float(w["task"][i] / w["task_n"][i])
@@ -383,7 +379,7 @@ def _log_window(w, m, step, total, flops, peak, tasks, writer, bar) -> dict:
       if math.isfinite(v):
         writer.add_scalar(k if "/" in k else f"train/{k}", v, step)
     writer.flush()
-  w.update(loss=0.0, n=0, steps=0, tokens=0.0, time=time.perf_counter(), task=np.zeros_like(w["task"]),
+  w.update(loss=0.0, n=0, steps=0, tokens=0.0, flops=0.0, time=time.perf_counter(), task=np.zeros_like(w["task"]),
            task_n=np.zeros_like(w["task_n"]))
   return out
 

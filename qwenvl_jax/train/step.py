@@ -8,6 +8,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from qwenvl_jax.data.patch_packing import VISION_KEYS
@@ -114,8 +115,25 @@ def flops_per_step(cfg, batch: int, seq_len: int, images: int, processor=None) -
   """
   fam = registry.family_of(cfg)
   processor = fam.processor(cfg) if processor is None else processor
-  spec, s = cfg.decoder, seq_len
+  return 3.0 * (_decoder_flops(cfg, batch * seq_len, batch * seq_len * seq_len)
+                + images * fam.image_flops(cfg, processor))
+
+
+def fed_flops(cfg, batch: dict) -> float:
+  """Training FLOPs (3 x forward) of what a packed any-resolution batch feeds: the decoder over its real tokens with
+  causal attention within each sample, the vision path over its real patches with attention within each image
+  (the family's `batch_vision_flops`). Padding is computed but not counted: MFU counts useful work."""
+  seg = np.asarray(batch["segment_ids"])
+  lengths = np.concatenate([np.bincount(row[row > 0]) for row in seg.reshape(-1, seg.shape[-1])])
+  lengths = lengths.astype(np.int64)
+  vision = registry.family_of(cfg).batch_vision_flops(cfg, batch)
+  return 3.0 * (_decoder_flops(cfg, int(lengths.sum()), int(np.square(lengths).sum())) + vision)
+
+
+def _decoder_flops(cfg, tokens: int, attention_pairs: int) -> float:
+  """Forward decoder FLOPs over `tokens` tokens whose causal attention spans `attention_pairs` / 2 (query, key)
+  pairs (the sum of squared sample lengths; a full row of S: S^2)."""
+  spec = cfg.decoder
   d, dh, qh, kh = spec.hidden, spec.head_dim, spec.heads, spec.kv_heads
-  per_layer = 2 * d * (2 * qh + 2 * kh) * dh + 6 * d * spec.mlp_dim + 2 * s * qh * dh
-  per_token = spec.num_layers * per_layer + 2 * d * cfg.vocab_size
-  return 3.0 * (batch * s * per_token + images * fam.image_flops(cfg, processor))
+  per_token = spec.num_layers * (2 * d * (2 * qh + 2 * kh) * dh + 6 * d * spec.mlp_dim) + 2 * d * cfg.vocab_size
+  return float(tokens * per_token + spec.num_layers * 2 * attention_pairs * qh * dh)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qwenvl_jax.models.qwen2_vl.config import Qwen2VLConfig
 from qwenvl_jax.models.qwen2_vl.vision import PatchMerger, VisionTower
@@ -124,17 +125,26 @@ def abstract_params(cfg: Qwen2VLConfig, boxed: bool = False):
   return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), boxed=boxed))
 
 
-def vision_flops(cfg: Qwen2VLConfig, patches: int, segment_len: int | None = None) -> float:
-  """Forward matmul FLOPs of the vision path over `patches` patches whose attention segments hold `segment_len`
-  patches each (default: one segment): patch embedding 2*P*Cin*W; per block 8*P*W^2 + 4*M*P*W + 4*P*L*W
-  (attention within segments of L); merger 2*(P/4)*(4W)^2 + 2*(P/4)*4W*D."""
+def vision_flops(cfg: Qwen2VLConfig, patches: int, attention_pairs: int | None = None) -> float:
+  """Forward matmul FLOPs of the vision path over `patches` patches, attention over `attention_pairs` (query, key)
+  pairs (the sum of squared segment lengths; default: one segment of all patches): patch embedding 2*P*Cin*W;
+  per block 8*P*W^2 + 4*M*P*W + 4*pairs*W; merger 2*(P/4)*(4W)^2 + 2*(P/4)*4W*D."""
   v = cfg.vision
   p, w, m = patches, v.embed_dim, v.mlp_dim
-  seg = patches if segment_len is None else segment_len
-  flops = 2 * p * v.patch_dim * w + v.depth * (8 * p * w * w + 4 * m * p * w + 4 * p * seg * w)
+  pairs = patches * patches if attention_pairs is None else attention_pairs
+  flops = 2 * p * v.patch_dim * w + v.depth * (8 * p * w * w + 4 * m * p * w + 4 * pairs * w)
   merged = p // v.spatial_merge_size ** 2
   flops += 2 * merged * v.merge_dim * v.merge_dim + 2 * merged * v.merge_dim * cfg.hidden_size
   return float(flops)
+
+
+def batch_vision_flops(cfg: Qwen2VLConfig, batch: dict) -> float:
+  """Vision FLOPs of what a packed batch feeds (`data/patch_packing.py`): its real patches, attention within each
+  image / frame pair (padding patches are computed but not counted)."""
+  seg = np.asarray(batch["vision_segments"])
+  seg = seg.reshape(-1, seg.shape[-1])
+  lengths = np.concatenate([np.bincount(row[row > 0]) for row in seg]) if seg.size else np.zeros(0, np.int64)
+  return vision_flops(cfg, int(lengths.sum()), int(np.square(lengths.astype(np.int64)).sum()))
 
 
 def image_flops(cfg: Qwen2VLConfig, processor) -> float:
