@@ -481,3 +481,31 @@ def test_qwen2_fed_flops_match_what_xla_counts_for_the_compiled_step():
   xla = (cost if isinstance(cost, dict) else cost[0])["flops"]
   masked_half = 3 * c.num_hidden_layers * 2 * b * s * s * c.num_attention_heads * c.head_dim
   assert 1.0 <= xla / (fed_flops(c, batch) + masked_half) < 1.05
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_activation_estimate_is_near_what_xla_allocates(remat):
+  """The --dry_run activation estimate against the temporary bytes XLA allocates for the compiled Qwen2-VL train
+  step (CPU, float32; measured at 4 rows of 512 tokens and 512 patches: 0.99x with remat none, 1.6x with full)."""
+  from qwenvl_jax.models import registry
+  from qwenvl_jax.models.qwen2_vl.config import QWEN2_VL_TINY
+  from qwenvl_jax.train.activations import activation_bytes
+  from qwenvl_jax.train.config import base_config
+  from qwenvl_jax.train.optimizer import make_optimizer
+  c = QWEN2_VL_TINY.replace(**{**Q2_FLOPS_CFG, "scan_layers": True, "remat_policy": remat, "dtype": "float32"})
+  fam = registry.family_of(c)
+  b, s, p = 2, 256, 256
+  conf = base_config()
+  conf.model.name = "qwen2_vl_tiny"
+  conf.data.update(batch_size=b, seq_len=s, patch_budget=p)
+  conf.optim.loss_chunk = s
+  conf.mesh.update(data=1, fsdp=1, tensor=1)
+  estimate = activation_bytes(conf, c, None)["total"]
+  tx, sched = make_optimizer(lr=1e-3, min_lr=1e-4, warmup_steps=1, total_steps=10, groups=fam.param_groups(c))
+  state = jax.eval_shape(lambda q: TrainState(step=jnp.zeros((), jnp.int32), params=q, opt_state=tx.init(q),
+                                              rng=jax.random.key(0)), fam.abstract_params(c))
+  model = fam.module(c)
+  step = jax.jit(lambda st, bt: train_step(st, bt, model=model, tx=tx, schedule=sched, opts=StepOptions(loss_chunk=s)),
+                 donate_argnums=0)
+  xla = step.lower(state, _q2_batch(c, b, s, p, [[s]] * b, [[p]] * b)).compile().memory_analysis().temp_size_in_bytes
+  assert 0.5 < xla / estimate < 1.5, (xla, estimate)

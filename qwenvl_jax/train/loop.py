@@ -23,6 +23,7 @@ from qwenvl_jax.data.pipeline import DataConfig, DataPipeline, build_patch_datas
 from qwenvl_jax.data.tokenizer import load_tokenizer
 from qwenvl_jax.models import registry
 from qwenvl_jax.sharding import LOGICAL_RULES, make_mesh
+from qwenvl_jax.train.activations import activation_bytes
 from qwenvl_jax.train.checkpointing import TrainCheckpointer
 from qwenvl_jax.train.optimizer import make_optimizer
 from qwenvl_jax.train.state import bytes_per_device, create_state, state_shardings
@@ -160,7 +161,7 @@ def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> f
 
 def dry_run(c) -> dict:
   """Shapes only: per-device bytes of params + optimizer state for the configured mesh (an abstract mesh: no
-  devices needed), printed and returned."""
+  devices needed) and an activation estimate (`activations.py`), printed and returned."""
   from jax.sharding import AbstractMesh, AxisType
   cfg = model_config(c)
   tx, _ = optimizer(c, cfg)
@@ -176,6 +177,12 @@ def dry_run(c) -> dict:
         f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} ({int(np.prod(sizes))} devices)")
   print(f"per device: params {r['params'] / gib:.3f} GiB + optimizer state {r['opt_state'] / gib:.3f} GiB = "
         f"{(r['params'] + r['opt_state']) / gib:.3f} GiB")
+  act = activation_bytes(c, cfg, processor_for(c, cfg))
+  r["activations"] = act["total"]
+  print(f"activations (estimate, remat {cfg.remat_policy}, {c.data.batch_size // c.optim.grad_accum} rows of "
+        f"{c.data.seq_len} tokens per micro-batch): decoder {act['decoder'] / gib:.3f} + vision "
+        f"{act['vision'] / gib:.3f} + loss {act['loss'] / gib:.3f} = {act['total'] / gib:.3f} GiB per device; "
+        f"total {(r['params'] + r['opt_state'] + act['total']) / gib:.3f} GiB")
   return r
 
 
