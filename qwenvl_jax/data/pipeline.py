@@ -219,7 +219,7 @@ def build_dataset(source, tokenizer: Tokenizer, cfg: DataConfig, *, seed: int = 
 
 def build_patch_dataset(source, encoder, cfg: DataConfig, *, patch_budget: int, patch_dim: int, merge: int,
                         seed: int = 0, **kw) -> grain.IterDataset:
-  """Any-resolution samples (a family's encoder, e.g. Qwen2-VL's) packed on tokens per row and patches per batch
+  """Any-resolution samples (a family's encoder, e.g. Qwen2-VL's) packed on tokens and patches per row
   (`patch_packing.py`): an IterDataset of whole batches of `cfg.batch_size` rows."""
   it = encoded_samples(source, encoder, cfg, seed=seed, **kw)
   return PatchPackIterDataset(it, batch_size=cfg.batch_size, seq_len=cfg.seq_len, patch_budget=patch_budget,
