@@ -22,6 +22,14 @@ import numpy as np
 TOKEN_FEATURES = ("ids", "loss_mask", "task")
 
 
+def segment_lengths(segment_ids) -> np.ndarray:
+  """Lengths of the packed segments (1.. per row; 0 = padding) of [..., N] segment ids, row by row -> [n] int64."""
+  seg = np.asarray(segment_ids)
+  rows = seg.reshape(-1, seg.shape[-1]) if seg.size else np.zeros((0, 0), np.int64)
+  lengths = [np.bincount(row[row > 0])[1:] for row in rows]
+  return np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64)
+
+
 def _fullest_subset(lengths: np.ndarray, capacity: int) -> list[int]:
   """Indices of a subset of `lengths` whose sum is the largest possible <= capacity (subset-sum DP).
 

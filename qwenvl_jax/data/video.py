@@ -72,8 +72,13 @@ def read_video(src: VideoSource, fps: float = DEFAULT_FPS, max_frames: int | Non
   if not frames:
     raise ImageError(name, "no frames could be decoded", kind="video")
   if max_frames is not None and len(frames) > max_frames:
-    frames = [frames[i] for i in np.linspace(0, len(frames) - 1, max_frames).round().astype(int)]
+    frames = spread(frames, max_frames)
   return frames
+
+
+def spread(frames: Sequence, n: int) -> list:
+  """n of the frames (n <= len), evenly spaced over them, the first and the last included."""
+  return [frames[i] for i in np.linspace(0, len(frames) - 1, n).round().astype(int)]
 
 
 def _until_eof(decoded, eof):

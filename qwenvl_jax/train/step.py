@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qwenvl_jax.data.packing import segment_lengths
 from qwenvl_jax.data.patch_packing import VISION_KEYS
 from qwenvl_jax.models import registry
 from qwenvl_jax.train.loss import chunked_token_losses, next_token_targets
@@ -123,9 +124,7 @@ def fed_flops(cfg, batch: dict) -> float:
   """Training FLOPs (3 x forward) of what a packed any-resolution batch feeds: the decoder over its real tokens with
   causal attention within each sample, the vision path over its real patches with attention within each image
   (the family's `batch_vision_flops`). Padding is computed but not counted: MFU counts useful work."""
-  seg = np.asarray(batch["segment_ids"])
-  lengths = np.concatenate([np.bincount(row[row > 0]) for row in seg.reshape(-1, seg.shape[-1])])
-  lengths = lengths.astype(np.int64)
+  lengths = segment_lengths(batch["segment_ids"])
   vision = registry.family_of(cfg).batch_vision_flops(cfg, batch)
   return 3.0 * (_decoder_flops(cfg, int(lengths.sum()), int(np.square(lengths).sum())) + vision)
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwenvl_jax.data.packing import segment_lengths
 from qwenvl_jax.models.qwen2_vl.config import Qwen2VLConfig
 from qwenvl_jax.models.qwen2_vl.vision import PatchMerger, VisionTower
 from qwenvl_jax.nn.attention import KVCache
@@ -141,10 +142,8 @@ def vision_flops(cfg: Qwen2VLConfig, patches: int, attention_pairs: int | None =
 def batch_vision_flops(cfg: Qwen2VLConfig, batch: dict) -> float:
   """Vision FLOPs of what a packed batch feeds (`data/patch_packing.py`): its real patches, attention within each
   image / frame pair (padding patches are computed but not counted)."""
-  seg = np.asarray(batch["vision_segments"])
-  seg = seg.reshape(-1, seg.shape[-1])
-  lengths = np.concatenate([np.bincount(row[row > 0]) for row in seg]) if seg.size else np.zeros(0, np.int64)
-  return vision_flops(cfg, int(lengths.sum()), int(np.square(lengths.astype(np.int64)).sum()))
+  lengths = segment_lengths(batch["vision_segments"])
+  return vision_flops(cfg, int(lengths.sum()), int(np.square(lengths).sum()))
 
 
 def image_flops(cfg: Qwen2VLConfig, processor) -> float:

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from qwenvl_jax.data.images import CLIP_MEAN, CLIP_STD, ImageError, load_image
-from qwenvl_jax.data.video import DEFAULT_FPS, read_video
+from qwenvl_jax.data.video import DEFAULT_FPS, read_video, spread
 from qwenvl_jax.models.qwen2_vl.positions import tokens_of
 
 
@@ -201,7 +201,7 @@ class Qwen2VLProcessor:
       raise ImageError(name, f"frames differ in size: {sorted(sizes)}", kind="video")
     kept, h, w = self.video_size(len(imgs), imgs[0].height, imgs[0].width)
     if kept < len(imgs):  # past the token cap even at the smallest size: frames spread evenly over the video
-      imgs = [imgs[i] for i in np.linspace(0, len(imgs) - 1, kept).round().astype(int)]
+      imgs = spread(imgs, kept)
     grid = (-(-kept // self.temporal_patch_size), h // self.patch_size, w // self.patch_size)
     x = np.stack([self._normalized(im, h, w) for im in imgs])
     pad = -len(imgs) % self.temporal_patch_size

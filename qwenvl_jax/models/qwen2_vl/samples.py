@@ -14,7 +14,7 @@ as in Qwen2-VL) becomes Qwen2-VL's tokens (`<|object_ref_start|>..<|object_ref_e
 Positions are each sample's own (`positions.rope_index` over the sample alone), so packing never changes them.
 
 Skipped (or raised with strict=True): an unreadable image or video, an aspect ratio beyond 200:1, a sample longer
-than seq_len (visual tokens are never cut) or with more patches than the batch's patch budget.
+than seq_len (visual tokens are never cut) or with more patches than a row's patch budget.
 """
 
 from __future__ import annotations
