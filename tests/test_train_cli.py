@@ -99,29 +99,38 @@ def test_incompatible_checkpoint_is_one_error_line(reference, env, tmp_path, arg
 
 # --- dry run --------------------------------------------------------------------------------------------------------
 
-def test_dry_run_memory_plan_of_the_stage_configs(env):
+# model, its stage configs, parameters in billions (all, the ViT + adapter)
+STAGE_CONFIGS = {"qwen_vl_7b": (("stage1_pretrain", "stage2_multitask", "stage3_sft"), (9.0, 10.0), 1.9),
+                 "qwen2_vl_7b": (("qwen2_vl_stage1", "qwen2_vl_stage2", "qwen2_vl_stage3"), (8.2, 8.4), 0.67)}
+
+
+@pytest.mark.parametrize("model", sorted(STAGE_CONFIGS))
+def test_dry_run_memory_plan_of_the_stage_configs(env, model):
+  stages, (low, high), vision = STAGE_CONFIGS[model]
   procs = {s: subprocess.Popen([sys.executable, "train.py", f"--config=configs/{s}.py", "--dry_run",
                                 "--config.mesh.fsdp=64"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-           for s in ("stage1_pretrain", "stage2_multitask", "stage3_sft")}
+           for s in stages}
   plan = {}
   for s, p in procs.items():
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, out + err
-    total = re.search(r"qwen_vl_7b: ([\d,]+) parameters \(([\d.]+) GiB as float32\); mesh data=1 fsdp=64 tensor=1 "
+    total = re.search(model + r": ([\d,]+) parameters \(([\d.]+) GiB as float32\); mesh data=1 fsdp=64 tensor=1 "
                       r"\(64 devices\)", out)
     per = re.search(r"per device: params ([\d.]+) GiB \+ optimizer state ([\d.]+) GiB = ([\d.]+) GiB", out)
-    assert total and per, out
+    acts = re.search(r"activations \(estimate, remat full, .*= ([\d.]+) GiB per device; total ([\d.]+) GiB", out)
+    assert total and per and acts, out
     plan[s] = {"n": int(total.group(1).replace(",", "")), "total": float(total.group(2)),
                "params": float(per.group(1)), "opt": float(per.group(2)), "sum": float(per.group(3))}
-  s1, s2, s3 = plan["stage1_pretrain"], plan["stage2_multitask"], plan["stage3_sft"]
+    assert float(acts.group(2)) == pytest.approx(float(per.group(3)) + float(acts.group(1)), abs=2e-3)
+  s1, s2, s3 = (plan[s] for s in stages)
   for p in plan.values():
     assert p == dict(p, n=s2["n"], total=s2["total"], params=s2["params"])  # same model, same sharding
     assert p["sum"] == pytest.approx(p["params"] + p["opt"], abs=2e-3)
-  assert 9.0e9 < s2["n"] < 10.0e9  # Qwen-VL: 7.7B LLM + 1.9B ViT and adapter
+  assert low * 1e9 < s2["n"] < high * 1e9  # Qwen-VL: 7.7B LLM + 1.9B ViT and adapter; Qwen2-VL: 7.6B + 0.67B
   assert s2["total"] == pytest.approx(s2["n"] * 4 / 2 ** 30, abs=0.01)
   assert s2["params"] == pytest.approx(s2["total"] / 64, rel=0.02)  # FSDP over 64 devices
   assert s2["opt"] == pytest.approx(2 * s2["params"], rel=0.02)  # Adam: mu and nu for (nearly) everything
   assert s1["opt"] < s3["opt"] < s2["opt"]  # stage 1 freezes the LLM, stage 3 only the ViT
-  assert s1["opt"] == pytest.approx(2 * 1.9e9 * 4 / 2 ** 30 / 64, rel=0.1)  # the ViT + adapter only
+  assert s1["opt"] == pytest.approx(2 * vision * 1e9 * 4 / 2 ** 30 / 64, rel=0.1)  # the ViT + adapter only
   assert s3["opt"] + s1["opt"] == pytest.approx(s2["opt"], rel=0.02)

@@ -166,6 +166,9 @@ STAGE_FREEZE = {
     "stage2": (),
     "stage3": (r"^visual/",),
 }
+# The stage configs' image range (our choice; the paper gives none): at least 56x56 px, at most 1024 merged tokens,
+# i.e. 4096 ViT patches, so the largest image fits a row's patch budget alone.
+STAGE_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 1024 * 28 * 28}
 
 
 def param_groups(cfg: Qwen2VLConfig) -> ParamGroups:
