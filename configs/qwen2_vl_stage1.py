@@ -7,7 +7,8 @@
 
 From the Qwen2-VL paper: the LLM starts from Qwen2 and the ViT (675M) from DFN's with 2-D RoPE in place of its
 absolute positions; stage 1 trains only the vision side on ~600B tokens of image-text pairs, OCR and
-classification data, with the loss on text tokens; images keep their aspect ratio (naive dynamic resolution).
+classification data, with the loss on text tokens (here one-turn ChatML samples, the family's one layout); images
+keep their aspect ratio (naive dynamic resolution).
 The paper publishes no learning rates, batch sizes or sequence lengths: those below (AdamW 0.9/0.98, lr 2e-4 cosine
 to 1e-6, 4096-token rows with up to 4096 ViT patches each, images within 56x56 px and 1024 visual tokens) are our
 choice, scaled from Qwen-VL's stage 1. Expected: caption loss falling steadily; the frozen LLM's optimizer state
@@ -23,7 +24,7 @@ def get_config():
   c.model.name = "qwen2_vl_7b"
   c.model.remat_policy = "full"  # recompute activations in the backward pass: 4096-token rows need it
   c.init.update(source="hf", path="")
-  c.data.update(source="jsonl", tokenizer="", mode="pretrain", seq_len=4096, patch_budget=4096,
+  c.data.update(source="jsonl", tokenizer="", mode="chat", seq_len=4096, patch_budget=4096,
                 max_images=8, **STAGE_PIXELS, batch_size=256)
   c.optim.update(lr=2e-4, min_lr=1e-6, warmup_steps=500, total_steps=50_000, freeze=STAGE_FREEZE["stage1"])
   c.mesh.update(data=1, fsdp=8, tensor=1)

@@ -73,6 +73,6 @@ def test_resume_is_bitwise_exact(reference, config, env, tmp_path):
 def test_bad_any_resolution_settings_are_one_error_line(config, env, tmp_path):
   from train_runs import error_line
   for args, message in ((["--config.data.patch_budget=0"], "data.patch_budget"),
-                        (["--config.data.tokenizer=shapes"], "tokenizer.json")):
+                        (["--config.data.mode=pretrain"], "data.mode 'pretrain'")):
     r = train(env, f"--config={config}", f"--workdir={tmp_path / 'bad'}", *args, timeout=120)
     assert r.returncode == 2 and message in error_line(r.stderr), describe(r)

@@ -115,8 +115,8 @@ def data_pipeline(c, tok, processor, seed_offset: int = 0):
   per_host = d.batch_size // jax.process_count()
   cfg = model_config(c)
   if any_resolution(cfg):  # each row carries its own patches: every host packs its own rows
-    dcfg = DataConfig(seq_len=d.seq_len, batch_size=per_host, strict=d.strict, num_threads=d.num_threads,
-                      packing_window=d.packing_window, task_names=TASKS)
+    dcfg = DataConfig(seq_len=d.seq_len, batch_size=per_host, mode=d.mode, strict=d.strict,
+                      num_threads=d.num_threads, packing_window=d.packing_window, task_names=TASKS)
     encoder = registry.family_of(cfg).sample_encoder(tok, cfg, processor, dcfg, d.patch_budget)
     return build_patch_dataset(data_source(c), encoder, dcfg, patch_budget=d.patch_budget,
                                patch_dim=processor.patch_dim, merge=processor.merge_size, seed=c.seed + seed_offset,

@@ -45,6 +45,8 @@ class Qwen2VLSampleEncoder(SampleEncoder):
 
   def __init__(self, tokenizer, model_cfg, processor, cfg: DataConfig, patch_budget: int):
     super().__init__(tokenizer, cfg)
+    if cfg.mode != "chat":
+      raise ValueError(f"data.mode {cfg.mode!r}: Qwen2-VL samples are ChatML conversations (data.mode=chat)")
     check_tokenizer(model_cfg, tokenizer)
     self.model_cfg, self.proc, self.patch_budget = model_cfg, processor, int(patch_budget)
     self._grounding = {t: tokenizer.special_id(t) for t in GROUNDING_TOKENS if t in tokenizer.special_ids}
