@@ -40,8 +40,8 @@ def run(c, checkpoint: str, split: str, out: str) -> dict:
   if tok_path is None:
     raise FileNotFoundError(f"no tokenizer found with {checkpoint}; pass --tokenizer")
   proc = model.processor()
-  tok = qv.load_tokenizer(tok_path, image_span=proc.fixed_image_tokens)
-  source = _source(c, split, proc.image_size)
+  tok = qv.load_tokenizer(tok_path, image_span=proc.fixed_image_tokens or 0)
+  source = _source(c, split, getattr(proc, "image_size", None))
   metrics, predictions = evaluate(model, tok, source, max_examples=_MAX.value, batch_size=_BATCH.value,
                                   max_new_tokens=_MAX_NEW.value)
   write_results(out, metrics, predictions)
@@ -49,10 +49,15 @@ def run(c, checkpoint: str, split: str, out: str) -> dict:
 
 
 def _source(c, split, image_size):
+  """The split of the config's data; shapes at the model's image size (fixed-span families) or the config's range of
+  sides (any-resolution ones), with the config's task mix."""
   d = c.data
   if d.source == "shapes":
     from qwenvl_jax.data.shapes import ShapesSource
-    return ShapesSource(split, seed=c.seed, image_size=image_size)
+    from qwenvl_jax.train.config import parse_mix
+    if image_size is None:
+      image_size = tuple(int(x) for x in d.image_sides.split(",")) if d.image_sides else d.image_size
+    return ShapesSource(split, seed=c.seed, image_size=image_size, mix=parse_mix(d.mix))
   if d.source == "jsonl":
     from qwenvl_jax.data.jsonl import JsonlSource
     return JsonlSource(d.path, image_root=d.image_root or None)

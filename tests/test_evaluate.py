@@ -6,8 +6,13 @@ import sys
 
 import pytest
 
+from qwenvl_jax.data.boxes import qwen_vl_tags
 from qwenvl_jax.data.shapes import generate
-from qwenvl_jax.evals.evaluate import prompt_of, score
+from qwenvl_jax.evals.evaluate import score, turns_of
+from qwenvl_jax.infer.chat import prompt_inputs
+
+SUMMARY_KEYS = {"caption_cider", "vqa_accuracy", "video_accuracy", "grounding_acc@0.5", "ocr_exact_match",
+                "ocr_anls"}
 
 
 def test_score_routes_tasks_to_their_metrics():
@@ -20,22 +25,43 @@ def test_score_routes_tasks_to_their_metrics():
       {"id": 5, "task": "grounding", "prediction": "no box", "reference": "<box>(0,0),(100,100)</box>"},
       {"id": 6, "task": "ocr", "prediction": "cat", "reference": "cat"},
       {"id": 7, "task": "ocr", "prediction": "cap", "reference": "cat"},
+      {"id": 8, "task": "video_motion", "prediction": "Left", "reference": "left"},
+      {"id": 9, "task": "video_motion", "prediction": "up", "reference": "down"},
   ]
   m = score(preds)
   s = m["summary"]
-  assert s["vqa_accuracy"] == 0.5 and s["grounding_acc@0.5"] == 0.5
+  assert s["vqa_accuracy"] == 0.5 and s["grounding_acc@0.5"] == 0.5 and s["video_accuracy"] == 0.5
   assert s["ocr_exact_match"] == 0.5 and s["ocr_anls"] == pytest.approx((1 + 2 / 3) / 2)
   assert s["caption_cider"] > 1.0 and m["per_task"]["caption"]["n"] == 2
 
 
-def test_prompt_of_uses_history_for_multi_turn(tmp_path):
+def test_prompts_use_the_history_of_multi_turn_records(tmp_path, tiny_model):
   from qwenvl_jax.data.shapes import train_tokenizer
   tok = train_tokenizer(str(tmp_path / "tok"), num_records=200)
   rec = next(r for r in (generate("test", i) for i in range(200)) if len(r["conversations"]) == 4)
-  ids, refs, reference = prompt_of(rec, tok)
-  assert reference == rec["conversations"][3]["value"] and refs == ["img0"]
+  pairs, query, reference = turns_of(rec)
+  assert reference == rec["conversations"][3]["value"] and query == rec["conversations"][2]["value"]
+  assert pairs == [(rec["conversations"][0]["value"], rec["conversations"][1]["value"])]
+  ids, vision = prompt_inputs(tiny_model, tok, query, pairs, media=rec["images"], trusted=True)
   text = tok.decode(ids)
   assert rec["conversations"][1]["value"] in text and text.endswith("<|im_start|>assistant\n")
+  assert vision["pixel_values"].shape[0] == 1  # the history's image is fed again
+
+
+def test_qwen2_prompts_read_grounding_tags_of_data_as_tokens_and_of_chat_as_text(q2_model, tmp_path):
+  from qwen2_tokenizer_fixture import build
+
+  from qwenvl_jax.data.hf_tokenizer import HFTokenizer
+  tok = HFTokenizer(build(str(tmp_path / "tokenizer.json")))
+  query = "<ref>the red square</ref>"
+  trusted, _ = prompt_inputs(q2_model, tok, query, trusted=True)
+  typed, _ = prompt_inputs(q2_model, tok, query)
+  ref_start = tok.special_id("<|object_ref_start|>")
+  assert trusted.count(ref_start) == 1 and ref_start not in typed
+  assert tok.decode(trusted) == tok.decode(typed).replace("<ref>", "<|object_ref_start|>").replace(
+      "</ref>", "<|object_ref_end|>")
+  assert qwen_vl_tags("<|object_ref_start|>a<|object_ref_end|><|box_start|>(1,2),(3,4)<|box_end|>") == \
+      "<ref>a</ref><box>(1,2),(3,4)</box>"
 
 
 @pytest.mark.slow
@@ -58,8 +84,7 @@ def test_eval_py_end_to_end(tmp_path):
                         "--max_new_tokens=4"], capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   metrics = json.loads((wd / "eval_test" / "metrics.json").read_text())
-  assert metrics["n"] == 10 and set(metrics["summary"]) <= {"caption_cider", "vqa_accuracy", "grounding_acc@0.5",
-                                                              "ocr_exact_match", "ocr_anls"}
+  assert metrics["n"] == 10 and set(metrics["summary"]) <= SUMMARY_KEYS
   assert len((wd / "eval_test" / "predictions.jsonl").read_text().splitlines()) == 10
   bad = subprocess.run([sys.executable, "eval.py", f"--config={cfg}", f"--checkpoint={tmp_path / 'nope'}"],
                        capture_output=True, text=True, timeout=300)

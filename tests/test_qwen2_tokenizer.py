@@ -128,3 +128,28 @@ def test_qwen2_vl_tokenizer_from_qwen_tiktoken_matches_the_qwen_bpe(tmp_path):
     assert tok.encode(text) == ref.encode(text, allowed_special=set()), text
     assert tok.decode(tok.encode(text)) == text
   assert tok.encode("<|im_start|>") != [151644]  # user text stays text
+
+
+def test_shapes_tokenizer_json_fits_the_demo_model(tmp_path):
+  """train.py's data.tokenizer='shapes' for Qwen2-VL: a tokenizer.json trained into the workdir, its added tokens
+  at the ids qwen2_vl_demo names, digits one by one, special-looking text still text."""
+  import ml_collections
+
+  from qwenvl_jax.data.hf_tokenizer import QWEN2_VL_ADDED, added_token_ids
+  from qwenvl_jax.models import registry
+  from qwenvl_jax.models.qwen2_vl.inputs import check_tokenizer
+  from qwenvl_jax.train.loop import tokenizer_for
+  cfg = registry.get_config("qwen2_vl_demo")
+  c = ml_collections.ConfigDict({"data": {"tokenizer": "shapes"}, "model": {"name": "qwen2_vl_demo"}})
+  tok = tokenizer_for(c, cfg, str(tmp_path))
+  assert os.path.isfile(tmp_path / "tokenizer.json") and tok.vocab_size == cfg.vocab_size == 1024
+  assert {t: tok.special_id(t) for t in QWEN2_VL_ADDED} == added_token_ids(1024)
+  check_tokenizer(cfg, tok)  # vision ids agree with the model config
+  assert (tok.im_end_id, tok.eod_id) == (cfg.eos_token_id, cfg.bos_token_id)
+  ids = tok.encode("the red square at (688,344)")
+  assert [tok.decode([i]) for i in ids[-9:]] == ["(", "6", "8", "8", ",", "3", "4", "4", ")"]
+  assert tok.decode(ids) == "the red square at (688,344)"
+  assert tok.image_pad_id not in tok.encode("<|image_pad|>")
+  mtime = os.path.getmtime(tmp_path / "tokenizer.json")
+  tokenizer_for(c, cfg, str(tmp_path))  # kept with the run: a resumed run reads the same file
+  assert os.path.getmtime(tmp_path / "tokenizer.json") == mtime

@@ -53,6 +53,16 @@ def parse_ref_boxes(text: str) -> list[tuple[str, tuple[int, int, int, int]]]:
   return [(m.group(1), tuple(int(m.group(i)) for i in range(2, 6))) for m in REF_BOX_RE.finditer(text)]
 
 
+_QWEN2_TAGS = {"<|object_ref_start|>": "<ref>", "<|object_ref_end|>": "</ref>", "<|box_start|>": "<box>",
+               "<|box_end|>": "</box>"}
+_QWEN2_TAG = re.compile("|".join(map(re.escape, _QWEN2_TAGS)))
+
+
+def qwen_vl_tags(text: str) -> str:
+  """Qwen2-VL's grounding tokens written as Qwen-VL's tags (the form of the data), other text unchanged."""
+  return _QWEN2_TAG.sub(lambda m: _QWEN2_TAGS[m.group()], text)
+
+
 def parse_boxes(text: str) -> list[tuple[int, int, int, int]]:
   """All `<box>(..),(..)</box>` of a text, normalised."""
   return [tuple(int(v) for v in m.groups()) for m in BOX_RE.finditer(text)]

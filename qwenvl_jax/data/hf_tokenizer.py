@@ -23,6 +23,9 @@ OBJECT_REF_START, OBJECT_REF_END = "<|object_ref_start|>", "<|object_ref_end|>"
 BOX_START, BOX_END = "<|box_start|>", "<|box_end|>"
 REQUIRED = (ENDOFTEXT, IM_START, IM_END)
 GROUNDING_TOKENS = (OBJECT_REF_START, OBJECT_REF_END, BOX_START, BOX_END)
+# Qwen2-VL's added tokens in id order (151643.. in the released files: <|vision_start|> 151652, <|image_pad|> 151655)
+QWEN2_VL_ADDED = (ENDOFTEXT, IM_START, IM_END, OBJECT_REF_START, OBJECT_REF_END, BOX_START, BOX_END,
+                  "<|quad_start|>", "<|quad_end|>", VISION_START, VISION_END, "<|vision_pad|>", IMAGE_PAD, VIDEO_PAD)
 
 
 def find_tokenizer_json(folder: str) -> str | None:
@@ -94,3 +97,35 @@ class HFTokenizer:
 
   def decode(self, ids, skip_special_tokens: bool = False) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
+def added_token_ids(vocab_size: int) -> dict[str, int]:
+  """The ids `train_tokenizer_json` gives Qwen2-VL's added tokens in a vocabulary of `vocab_size`: the last ones."""
+  first = vocab_size - len(QWEN2_VL_ADDED)
+  return {t: first + k for k, t in enumerate(QWEN2_VL_ADDED)}
+
+
+def train_tokenizer_json(texts, path: str, vocab_size: int) -> str:
+  """Train a Qwen2-style tokenizer.json on `texts`: byte-level BPE after Qwen's pre-tokenisation (digits one by
+  one, so coordinates are digit sequences as in Qwen2), NFC, then Qwen2-VL's added tokens at the top of the
+  vocabulary (`added_token_ids`). Unused slots (a small corpus gives fewer merges) are filler tokens."""
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+  from qwenvl_jax.data.tokenizer import QWEN_PATTERN
+  regular = vocab_size - len(QWEN2_VL_ADDED)
+  if regular < 256:
+    raise ValueError(f"vocab_size {vocab_size}: a byte-level BPE needs at least {256 + len(QWEN2_VL_ADDED)}")
+  tok = Tokenizer(models.BPE())
+  tok.normalizer = normalizers.NFC()
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=regular, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(texts, trainer)
+  tok.add_tokens([f"<|filler_{i}|>" for i in range(regular - tok.get_vocab_size())])
+  tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_VL_ADDED])
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tok.save(path)
+  return path

@@ -463,15 +463,15 @@ class ShapesSource:
             f"image_size={self.image_size}, mix={self.mix!r})")
 
 
-def text_corpus(num_records: int = 4000, seed: int = 0) -> Iterator[str]:
-  """Every text of the first `num_records` training records (image references removed) plus the ChatML
-  scaffolding, to train the demo's SentencePiece tokenizer. Images are drawn too (cheap at this size)."""
+def text_corpus(num_records: int = 4000, seed: int = 0, mix=None, drop=r"<img>.*?</img>") -> Iterator[str]:
+  """Every text of the first `num_records` training records (of the task `mix`; matches of `drop` removed) plus
+  the ChatML scaffolding, to train the demo's tokenizers. Images are drawn too (cheap at this size)."""
   from qwenvl_jax.data.conversation import DEFAULT_SYSTEM
 
-  yield from ("system", "user", "assistant", DEFAULT_SYSTEM, "Picture 1: ", "Picture 2: ")
+  yield from ("system", "user", "assistant", DEFAULT_SYSTEM, "Picture 1: ", "Picture 2: ", "Video 1: ")
   for i in range(num_records):
-    for turn in generate("train", i, seed=seed, image_size=MIN_IMAGE_SIZE)["conversations"]:
-      yield re.sub(r"<img>.*?</img>", "", turn["value"])
+    for turn in generate("train", i, seed=seed, image_size=MIN_IMAGE_SIZE, mix=mix)["conversations"]:
+      yield re.sub(drop, "", turn["value"])
 
 
 def train_tokenizer(model_prefix: str, vocab_size: int = 1024, image_span: int = 16, num_records: int = 4000,
@@ -481,3 +481,14 @@ def train_tokenizer(model_prefix: str, vocab_size: int = 1024, image_span: int =
 
   return train_sentencepiece(text_corpus(num_records, seed), model_prefix, vocab_size=vocab_size,
                              image_span=image_span)
+
+
+def train_tokenizer_json(path: str, vocab_size: int = 1024, num_records: int = 4000, seed: int = 0):
+  """The embedded default tokenizer of the placeholder families (Qwen2-VL): a Qwen2-style tokenizer.json
+  (`hf_tokenizer.train_tokenizer_json`) trained on the shapes texts of every task, videos included, without the
+  media references and grounding tags (those become special tokens)."""
+  from qwenvl_jax.data.hf_tokenizer import HFTokenizer
+  from qwenvl_jax.data.hf_tokenizer import train_tokenizer_json as train
+
+  texts = text_corpus(num_records, seed, mix=TASKS, drop=r"<img>.*?</img>|<video>.*?</video>|</?ref>|</?box>")
+  return HFTokenizer(train(texts, path, vocab_size))

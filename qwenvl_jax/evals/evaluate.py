@@ -2,7 +2,8 @@
 
 Each record's last user turn is the question (earlier turns are the chat history, as in `chat`), its last assistant
 turn the reference. Task -> metric: caption, grounded_caption -> CIDEr; vqa_*, multi_image, text, chat -> VQA
-accuracy; grounding -> accuracy at IoU >= 0.5 of the first predicted box; ocr -> exact match and ANLS.
+accuracy (video_* pooled as video_accuracy); grounding -> accuracy at IoU >= 0.5 of the first predicted box; ocr ->
+exact match and ANLS. Predictions are written with the data's grounding tags (`<ref>`, `<box>`) for every family.
 """
 
 from __future__ import annotations
@@ -10,16 +11,14 @@ from __future__ import annotations
 import collections
 import json
 import os
-import re
 
 import numpy as np
 
-from qwenvl_jax.data.boxes import parse_boxes
-from qwenvl_jax.data.conversation import DEFAULT_SYSTEM, make_context, normalize_roles
+from qwenvl_jax.data.boxes import parse_boxes, qwen_vl_tags
+from qwenvl_jax.data.conversation import DEFAULT_SYSTEM, normalize_roles
 from qwenvl_jax.evals import metrics as M
-from qwenvl_jax.infer.chat import decode_answer
+from qwenvl_jax.infer.chat import generate_answers, prompt_inputs
 
-_IMG = re.compile(r"<img>(.*?)</img>", re.S)
 CAPTION_TASKS = ("caption", "grounded_caption")
 
 
@@ -33,36 +32,23 @@ def metric_kind(task: str) -> str:
   return "vqa"
 
 
-def prompt_of(record: dict, tokenizer, system: str = DEFAULT_SYSTEM):
-  """-> (prompt ids, image references in order, reference answer)."""
+def turns_of(record: dict) -> tuple[list[tuple[str, str]], str, str]:
+  """-> (earlier (question, answer) turns, the question asked, the reference answer)."""
   turns = normalize_roles(record["conversations"], record.get("source", record.get("id", "record")))
   if turns[-1][0] != "assistant":
     raise ValueError(f"{record.get('id')}: the last turn must be the assistant's reference answer")
   pairs = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 2, 2)]
-  query, reference = turns[-2][1], turns[-1][1]
-  _, ids = make_context(tokenizer, query, pairs, system)
-  refs = [r for q, _ in pairs for r in _IMG.findall(q)] + _IMG.findall(query)
-  return ids, refs, reference
+  return pairs, turns[-2][1], turns[-1][1]
 
 
 def generate_batch(model, tokenizer, records, max_new_tokens: int) -> list[str]:
-  """Greedy answers for a list of records (one batched generate call)."""
-  proc = model.processor()
-  prompts, pixels = [], []
+  """Greedy answers for a list of records (one batched generate call), in the data's grounding tags."""
+  prompts = []
   for r in records:
-    ids, refs, _ = prompt_of(r, tokenizer)
-    prompts.append(ids)
-    pixels += [proc.preprocess(r["images"][ref], name=f"{r.get('id')}:{ref}") for ref in refs]
-  s = max(len(p) for p in prompts)
-  ids = np.zeros((len(prompts), s), np.int64)
-  mask = np.zeros((len(prompts), s), np.int32)
-  for i, p in enumerate(prompts):
-    ids[i, :len(p)] = p
-    mask[i, :len(p)] = 1
-  stops = [tokenizer.im_end_id, tokenizer.eod_id]
-  out = model.generate(ids, pixel_values=np.stack(pixels) if pixels else None, attention_mask=mask,
-                       max_new_tokens=max_new_tokens, stop_ids=stops)
-  return [decode_answer(tokenizer, row, stops).strip() for row in out[:, s:]]
+    pairs, query, _ = turns_of(r)
+    media = {**(r.get("images") or {}), **(r.get("videos") or {})}
+    prompts.append(prompt_inputs(model, tokenizer, query, pairs, DEFAULT_SYSTEM, media, trusted=True))
+  return [qwen_vl_tags(a).strip() for a in generate_answers(model, tokenizer, prompts, max_new_tokens)]
 
 
 def score(predictions: list[dict]) -> dict:
@@ -94,7 +80,9 @@ def score(predictions: list[dict]) -> dict:
     else:
       acc = float(np.mean([M.vqa_accuracy(p["prediction"], [p["reference"]]) for p in items]))
       per_task[task] = {"vqa_accuracy": acc, "n": len(items)}
-      if task.startswith("vqa") or task not in ("text", "multi_image"):
+      if task.startswith("video"):
+        pooled["video_accuracy"].append((acc, len(items)))
+      elif task.startswith("vqa") or task not in ("text", "multi_image"):
         pooled["vqa_accuracy"].append((acc, len(items)))
   summary = {k: sum(v * n for v, n in vals) / sum(n for _, n in vals) for k, vals in pooled.items()}
   return {"summary": summary, "per_task": per_task, "n": len(predictions)}
@@ -116,7 +104,7 @@ def evaluate(model, tokenizer, source, max_examples: int | None = None, batch_si
     chunk = [records[i] for i in order[start:start + batch_size]]
     for r, answer in zip(chunk, generate_batch(model, tokenizer, chunk, max_new_tokens)):
       predictions.append({"id": r.get("id"), "task": r.get("task", "chat"), "prediction": answer,
-                          "reference": prompt_of(r, tokenizer)[2]})
+                          "reference": turns_of(r)[2]})
     if bar is not None:
       bar.update(len(chunk))
   if bar is not None:

@@ -46,9 +46,10 @@ def _refs(images, offset: int) -> tuple[list[str], dict]:
   return refs, objects
 
 
-def _span_prompt(model, tokenizer, query, history, system, known) -> tuple[list[int], dict]:
+def _span_prompt(model, tokenizer, query, history, system, known, trusted) -> tuple[list[int], dict]:
   """Qwen-VL: the official prompt; every image of the conversation, in order, as pixel_values (as the official chat,
-  an `<img>ref</img>` anywhere in a turn is an image)."""
+  an `<img>ref</img>` anywhere in a turn is an image; grounding tags in text are the tokenizer's, trusted or not)."""
+  del trusted
   _, ids = make_context(tokenizer, query, history, system)
   all_refs = [r for q, _ in history for r in _IMG.findall(q)] + _IMG.findall(query)
   proc = model.processor()
@@ -56,9 +57,10 @@ def _span_prompt(model, tokenizer, query, history, system, known) -> tuple[list[
   return ids, {"pixel_values": pixels}
 
 
-def _placeholder_prompt(model, tokenizer, query, history, system, known) -> tuple[list[int], dict]:
+def _placeholder_prompt(model, tokenizer, query, history, system, known, trusted) -> tuple[list[int], dict]:
   """Qwen2-VL: ChatML with a placeholder block per image / video; patches and grids of every image and of every
-  video of the conversation, each kind in prompt order."""
+  video of the conversation, each kind in prompt order. User text is text, except that `trusted` text (a data
+  file's) has its grounding tags as the grounding tokens, as in training."""
   cfg, proc = model.config, model.processor()
   model.family.inputs.check_tokenizer(cfg, tokenizer)
   turns, seen = [], {"image": [], "video": []}
@@ -72,7 +74,7 @@ def _placeholder_prompt(model, tokenizer, query, history, system, known) -> tupl
         patches, grid = proc.preprocess_video(known[ref] if ref in known else ref.split(_FRAME_SEP), name=ref)
       seen[kind].append((patches, grid))
       parts.append(model.family.inputs.vision_block(cfg, proc.tokens(grid), video=kind == "video"))
-    turns.append((parts + [text], answer))
+    turns.append((parts + (model.family.inputs.trusted_text_parts(tokenizer, text) if trusted else [text]), answer))
   vision = {}
   for kind, pixels, grids in (("image", "pixel_values", "image_grid_thw"),
                               ("video", "pixel_values_videos", "video_grid_thw")):
@@ -102,6 +104,36 @@ def _video_refs(videos, offset: int) -> tuple[list[str], dict]:
 _BUILDERS = {"qwen_vl": _span_prompt, "qwen2_vl": _placeholder_prompt}
 
 
+def prompt_inputs(model, tokenizer, query: str, history=(), system: str = DEFAULT_SYSTEM, media=None,
+                  trusted: bool = False) -> tuple[list[int], dict]:
+  """The family's prompt for `query` after `history` -> (ids, vision inputs of `model.generate`). Image and video
+  references in the turns (`<img>ref</img>`, `<video>ref</video>`) are looked up in `media` (name -> image,
+  frames or video file), else read as paths."""
+  family = model.family.name
+  if family not in _BUILDERS:
+    raise ValueError(f"chat does not support the {family} family")
+  return _BUILDERS[family](model, tokenizer, query, list(history), system, dict(media or {}), trusted)
+
+
+def generate_answers(model, tokenizer, prompts, max_new_tokens: int = 512, **generate_kw) -> list[str]:
+  """Answers to several `prompt_inputs` in one batched `generate` call (rows padded, each row's own images)."""
+  vision: dict = {}
+  for _, row_vision in prompts:
+    for k, v in row_vision.items():
+      if v is not None:
+        vision.setdefault(k, []).append(v)
+  vision = {k: np.concatenate(v) for k, v in vision.items()}
+  s = max(len(ids) for ids, _ in prompts)
+  ids = np.zeros((len(prompts), s), np.int64)
+  mask = np.zeros((len(prompts), s), np.int32)
+  for i, (row, _) in enumerate(prompts):
+    ids[i, :len(row)], mask[i, :len(row)] = row, 1
+  stops = [tokenizer.im_end_id, tokenizer.eod_id]
+  out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, stop_ids=stops, **vision,
+                       **generate_kw)
+  return [decode_answer(tokenizer, row, stops) for row in out[:, s:]]
+
+
 def chat(model, tokenizer, query: str, history=None, images=None, system: str = DEFAULT_SYSTEM,
          max_new_tokens: int = 512, image_objects: dict | None = None, videos=None,
          **generate_kw) -> tuple[str, list]:
@@ -110,10 +142,7 @@ def chat(model, tokenizer, query: str, history=None, images=None, system: str = 
   (Qwen2-VL): a list of videos, each a list of frames (paths or PIL images; sample them first), shown after the
   images as `Video N: <video>ref</video>\\n`. In-memory images and videos are named `image_K` / `video_K` in the
   history; a later turn feeds them again when `image_objects` maps those names to them."""
-  family = model.family.name
-  if family not in _BUILDERS:
-    raise ValueError(f"chat does not support the {family} family")
-  if videos and family == "qwen_vl":
+  if videos and model.family.name == "qwen_vl":
     raise ValueError("Qwen-VL takes no video input")
   history = list(history or [])
   known = dict(image_objects or {})
@@ -125,10 +154,8 @@ def chat(model, tokenizer, query: str, history=None, images=None, system: str = 
   known.update(objects)
   if refs or video_refs:
     query = image_prompt(refs, n_before) + video_prompt(video_refs, n_videos) + query
-  ids, vision = _BUILDERS[family](model, tokenizer, query, history, system, known)
-  stops = [tokenizer.im_end_id, tokenizer.eod_id]
-  out = model.generate(np.asarray([ids]), max_new_tokens=max_new_tokens, stop_ids=stops, **vision, **generate_kw)
-  response = decode_answer(tokenizer, out[0, len(ids):], stops)
+  prompt = prompt_inputs(model, tokenizer, query, history, system, known)
+  response, = generate_answers(model, tokenizer, [prompt], max_new_tokens, **generate_kw)
   history.append((query, response))
   return response, history
 
@@ -144,26 +171,11 @@ def chat_batch(model, tokenizer, queries, images=None, system: str = DEFAULT_SYS
                **generate_kw) -> list[str]:
   """First-turn answers to several queries in one batched `generate` call (rows padded, each row's own images).
   images: None or one list of images (paths or PIL images) per query."""
-  family = model.family.name
-  if family not in _BUILDERS:
-    raise ValueError(f"chat does not support the {family} family")
   images = list(images) if images is not None else [None] * len(queries)
   if len(images) != len(queries):
     raise ValueError(f"{len(queries)} queries but {len(images)} image lists")
-  rows, vision = [], {}
+  prompts = []
   for query, imgs in zip(queries, images):
     refs, known = _refs(imgs, 0)
-    ids, row_vision = _BUILDERS[family](model, tokenizer, image_prompt(refs) + query, [], system, known)
-    rows.append(ids)
-    for k, v in row_vision.items():
-      if v is not None:
-        vision.setdefault(k, []).append(v)
-  vision = {k: np.concatenate(v) for k, v in vision.items()}
-  s = max(len(r) for r in rows)
-  ids = np.zeros((len(rows), s), np.int64)
-  mask = np.zeros((len(rows), s), np.int32)
-  for i, r in enumerate(rows):
-    ids[i, :len(r)], mask[i, :len(r)] = r, 1
-  stops = [tokenizer.im_end_id, tokenizer.eod_id]
-  out = model.generate(ids, mask, max_new_tokens=max_new_tokens, stop_ids=stops, **vision, **generate_kw)
-  return [decode_answer(tokenizer, row, stops) for row in out[:, s:]]
+    prompts.append(prompt_inputs(model, tokenizer, image_prompt(refs) + query, (), system, known))
+  return generate_answers(model, tokenizer, prompts, max_new_tokens, **generate_kw)

@@ -68,10 +68,16 @@ def mesh_from(c, devices=None):
 
 def tokenizer_for(c, cfg, workdir: str):
   """The configured tokenizer; 'shapes' trains the demo SentencePiece once and keeps it with the run."""
-  if any_resolution(cfg):
-    if c.data.tokenizer == "shapes":
-      raise ValueError(f"{c.model.name} needs its tokenizer.json: set data.tokenizer to the file or its folder")
-    return load_tokenizer(c.data.tokenizer)  # the family's sample encoder checks its ids against the config
+  if any_resolution(cfg):  # the family's sample encoder checks the tokenizer's ids against the config
+    if c.data.tokenizer != "shapes":
+      return load_tokenizer(c.data.tokenizer)
+    from qwenvl_jax.data.shapes import train_tokenizer_json
+    path = os.path.join(workdir, "tokenizer.json")
+    if not os.path.isfile(path):
+      if jax.process_index() == 0:
+        train_tokenizer_json(path, vocab_size=cfg.vocab_size)
+      _sync("tokenizer")
+    return load_tokenizer(path)
   span = processor_for(c, cfg).fixed_image_tokens
   if c.data.tokenizer == "shapes":
     from qwenvl_jax.data.shapes import train_tokenizer

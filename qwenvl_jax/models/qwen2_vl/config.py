@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from qwenvl_jax.data.hf_tokenizer import added_token_ids
 from qwenvl_jax.models import config_base
 from qwenvl_jax.models.groups import ParamGroups
 from qwenvl_jax.nn.decoder import DecoderSpec
@@ -156,8 +157,19 @@ QWEN2_VL_TINY = Qwen2VLConfig(
     eos_token_id=486, pad_token_id=484,
     vision=_vision(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2.0, num_heads=4))
 
+# The shapes demo (configs/qwen2_vl_demo.py): its tokenizer.json is trained on the shapes texts with Qwen2-VL's
+# added tokens at the top of 1024 ids (`data.shapes.train_tokenizer_json`), so the ids below are those.
+_DEMO_IDS = added_token_ids(1024)
+QWEN2_VL_DEMO = Qwen2VLConfig(
+    vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, mrope_section=(8, 12, 12), max_position_embeddings=4096, tie_word_embeddings=True,
+    vision_start_token_id=_DEMO_IDS["<|vision_start|>"], vision_end_token_id=_DEMO_IDS["<|vision_end|>"],
+    image_token_id=_DEMO_IDS["<|image_pad|>"], video_token_id=_DEMO_IDS["<|video_pad|>"],
+    bos_token_id=_DEMO_IDS["<|endoftext|>"], eos_token_id=_DEMO_IDS["<|im_end|>"],
+    vision=_vision(depth=4, embed_dim=192, hidden_size=256, mlp_ratio=4.0, num_heads=4))
+
 NAMED = {"qwen2_vl_2b": QWEN2_VL_2B, "qwen2_vl_7b": QWEN2_VL_7B, "qwen2_vl_72b": QWEN2_VL_72B,
-         "qwen2_vl_tiny": QWEN2_VL_TINY}
+         "qwen2_vl_tiny": QWEN2_VL_TINY, "qwen2_vl_demo": QWEN2_VL_DEMO}
 
 # Freezing per stage of the paper's recipe: stage 1 trains the ViT and merger (LLM frozen), stage 2 everything,
 # stage 3 (instruction tuning) freezes the ViT.

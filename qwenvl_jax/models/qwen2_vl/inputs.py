@@ -10,10 +10,21 @@ patches form their own attention segment and their merged rows are never read.
 
 from __future__ import annotations
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 
-from qwenvl_jax.data.hf_tokenizer import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from qwenvl_jax.data.hf_tokenizer import (
+  BOX_END,
+  BOX_START,
+  IMAGE_PAD,
+  OBJECT_REF_END,
+  OBJECT_REF_START,
+  VIDEO_PAD,
+  VISION_END,
+  VISION_START,
+)
 from qwenvl_jax.models.qwen2_vl.config import Qwen2VLConfig
 from qwenvl_jax.models.qwen2_vl.positions import patch_positions, rope_index, tokens_of
 
@@ -90,6 +101,28 @@ def check_tokenizer(cfg: Qwen2VLConfig, tokenizer) -> None:
     if have.get(token, i) != i:
       raise ValueError(f"tokenizer {getattr(tokenizer, 'path', '')} has {token} = {have[token]} but the model's "
                        f"config.json says {i}: not this model's tokenizer")
+
+
+QWEN_VL_GROUNDING = {"<ref>": OBJECT_REF_START, "</ref>": OBJECT_REF_END, "<box>": BOX_START, "</box>": BOX_END}
+_TAG = re.compile("|".join(map(re.escape, QWEN_VL_GROUNDING)))
+
+
+def qwen2_grounding(text: str) -> str:
+  """Qwen-VL grounding tags -> Qwen2-VL's (the coordinates are the same [0, 1000) integers)."""
+  return _TAG.sub(lambda m: QWEN_VL_GROUNDING[m.group()], text)
+
+
+def trusted_text_parts(tokenizer, text: str) -> list:
+  """User text of a data file (trusted; chat input never is) as `chatml_ids` parts: text, with its Qwen-VL
+  grounding tags (`<ref>`, `<box>`, ...) as the ids of Qwen2-VL's grounding tokens the tokenizer has."""
+  parts, end = [], 0
+  for m in _TAG.finditer(text):
+    token = QWEN_VL_GROUNDING[m.group()]
+    if token not in tokenizer.special_ids:
+      continue
+    parts += [text[end:m.start()], [tokenizer.special_id(token)]]
+    end = m.end()
+  return parts + [text[end:]]
 
 
 def vision_block(cfg: Qwen2VLConfig, n_tokens: int, video: bool = False) -> list[int]:

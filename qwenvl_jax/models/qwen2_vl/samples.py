@@ -19,25 +19,14 @@ than seq_len (visual tokens are never cut) or with more patches than a row's pat
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
 from qwenvl_jax.data.conversation import FormatError, chatml_sample, normalize_roles, split_media_prefix
-from qwenvl_jax.data.hf_tokenizer import BOX_END, BOX_START, GROUNDING_TOKENS, OBJECT_REF_END, OBJECT_REF_START
 from qwenvl_jax.data.images import ImageError
 from qwenvl_jax.data.pipeline import DataConfig, SampleEncoder
 from qwenvl_jax.data.tokenizer import TokenizerError
-from qwenvl_jax.models.qwen2_vl.inputs import check_tokenizer, vision_block
+from qwenvl_jax.models.qwen2_vl.inputs import check_tokenizer, qwen2_grounding, trusted_text_parts, vision_block
 from qwenvl_jax.models.qwen2_vl.positions import patch_positions, rope_index
-
-QWEN_VL_GROUNDING = {"<ref>": OBJECT_REF_START, "</ref>": OBJECT_REF_END, "<box>": BOX_START, "</box>": BOX_END}
-_TAG = re.compile("|".join(map(re.escape, QWEN_VL_GROUNDING)))
-
-
-def qwen2_grounding(text: str) -> str:
-  """Qwen-VL grounding tags -> Qwen2-VL's (the coordinates are the same [0, 1000) integers)."""
-  return _TAG.sub(lambda m: QWEN_VL_GROUNDING[m.group()], text)
 
 
 class Qwen2VLSampleEncoder(SampleEncoder):
@@ -49,18 +38,6 @@ class Qwen2VLSampleEncoder(SampleEncoder):
       raise ValueError(f"data.mode {cfg.mode!r}: Qwen2-VL samples are ChatML conversations (data.mode=chat)")
     check_tokenizer(model_cfg, tokenizer)
     self.model_cfg, self.proc, self.patch_budget = model_cfg, processor, int(patch_budget)
-    self._grounding = {t: tokenizer.special_id(t) for t in GROUNDING_TOKENS if t in tokenizer.special_ids}
-
-  def _user_parts(self, text: str) -> list:
-    """User text with grounding tags as their special ids (data files are trusted; chat input never is)."""
-    parts, end = [], 0
-    for m in _TAG.finditer(text):
-      token = QWEN_VL_GROUNDING[m.group()]
-      if token not in self._grounding:
-        continue
-      parts += [text[end:m.start()], [self._grounding[token]]]
-      end = m.end()
-    return parts + [text[end:]]
 
   def _media(self, record: dict, kind: str, ref: str):
     where = f"{record.get('id', '?')}:{ref}"
@@ -94,7 +71,7 @@ class Qwen2VLSampleEncoder(SampleEncoder):
         patches, grid = self._media(record, kind, ref)
         media[kind].append((patches, grid))
         parts.append(vision_block(cfg, self.proc.tokens(grid), video=kind == "video"))
-      turns.append((parts + self._user_parts(text), qwen2_grounding(answer)))
+      turns.append((parts + trusted_text_parts(self.tok, text), qwen2_grounding(answer)))
     t = chatml_sample(self.tok, turns, self.cfg.system)
     ids = np.asarray(t.ids, np.int32)
     if len(ids) > self.cfg.seq_len:
