@@ -109,6 +109,22 @@ def save_examples(source, predictions_path: str, out_dir: str, scale: int = 4) -
   return paths
 
 
+MARKER = ".qwenvl_demo"  # written into every workdir demo.py makes: --fresh deletes only such folders
+
+
+def prepare_workdir(workdir: str, fresh: bool) -> None:
+  """Create the workdir (with its marker). --fresh first deletes it, but only if it is empty or demo.py made it:
+  a mistyped --workdir must never cost the user a folder."""
+  if fresh and os.path.isdir(workdir) and os.listdir(workdir):
+    if not os.path.isfile(os.path.join(workdir, MARKER)):
+      raise ValueError(f"--fresh: refusing to delete {workdir}: it is not empty and demo.py did not make it (no "
+                       f"{MARKER} in it); pass another --workdir or delete it yourself")
+    shutil.rmtree(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, MARKER), "a"):
+    pass
+
+
 def main(argv):
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
@@ -128,9 +144,7 @@ def main(argv):
     c = load_config(_CONFIG.value)
     if not c.stages:
       raise ValueError(f"{_CONFIG.value} chains no stages (config.stages is empty)")
-    if _FRESH.value and os.path.isdir(workdir):
-      shutil.rmtree(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    prepare_workdir(workdir, fresh=_FRESH.value)
     cfg = model_config(c)
     tok = tokenizer_for(c, cfg, workdir)
     source = ShapesSource("test", seed=c.seed, image_size=c.data.image_size)

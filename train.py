@@ -4,10 +4,20 @@ Each config's docstring says how to run it and what it should reach. A run resum
 its workdir; SIGTERM finishes the current step, saves and exits 0.
 """
 
+import signal
 import sys
 
-from absl import app, flags  # noqa: F401 - app.UsageError
-from ml_collections import config_flags
+
+def _exit_on_sigterm(signum, frame):
+  """Until the training loop installs its own handler (imports and flag parsing): nothing to save yet."""
+  print("SIGTERM during start-up: exiting, nothing new saved", flush=True)
+  sys.exit(0)
+
+
+signal.signal(signal.SIGTERM, _exit_on_sigterm)  # before the imports below, which take seconds
+
+from absl import app, flags  # noqa: E402, F401 - app.UsageError
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and the resolved config")

@@ -84,6 +84,26 @@ def test_demo_bad_input_is_one_line(env, tmp_path, args, message):
   assert r.stderr.strip().splitlines() == [f"error: {message}"], r.stderr
 
 
+def test_fresh_deletes_only_a_workdir_demo_made(env, tmp_path):
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("keep me")
+  r = run_demo(env, f"--workdir={mine}", "--fresh", timeout=120)
+  assert r.returncode == 2 and "refusing to delete" in r.stderr, r.stderr
+  assert os.listdir(mine) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+  # a folder demo.py made (its marker inside) is deleted and made again; an empty one is simply used
+  made, empty = tmp_path / "made", tmp_path / "empty"
+  empty.mkdir()
+  script = (f"from demo import MARKER, prepare_workdir\n"
+            f"prepare_workdir({str(made)!r}, fresh=False)\n"
+            f"open({str(made / 'old.txt')!r}, 'w').close()\n"
+            f"prepare_workdir({str(made)!r}, fresh=True)\n"
+            f"prepare_workdir({str(empty)!r}, fresh=True)\n")
+  r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert os.listdir(made) == [".qwenvl_demo"] and os.listdir(empty) == [".qwenvl_demo"]
+
+
 def check_chain(wd, r):
   """The three chained stages: each trains in its own folder from the previous stage's last checkpoint, one shared
   tokenizer, the stage freezing (stage 3 leaves the ViT alone), the resampler's fixed 2-D sin-cos table."""

@@ -125,6 +125,28 @@ def test_video_records_are_skipped_and_counted(tok, caplog):
     SampleEncoder(tok, config(strict=True))(video)
 
 
+def test_stray_image_tags_in_a_turn_skip_the_record(tok, caplog):
+  stray = {**make_records(1)[0], "id": "stray"}
+  stray["conversations"] = [dict(stray["conversations"][0]), *stray["conversations"][1:]]
+  stray["conversations"][0]["value"] += " and </img>"
+  enc = SampleEncoder(tok, config())
+  assert enc(stray) is None and enc(make_records(1)[0]) is not None
+  assert (enc.counts["bad_record"], enc.counts["ok"]) == (1, 1)
+  assert "skipping stray: TokenizerError: stray </img> in text" in caplog.text
+
+
+def test_data_without_one_usable_sample_stops_after_one_pass_with_capped_warnings(tok, caplog):
+  from qwenvl_jax.data.pipeline import WARNINGS_SHOWN, NoUsableData
+  recs = make_records(30, bad=tuple(range(30)))  # every image unreadable
+  p = DataPipeline(recs, tok, config(), seed=0, num_epochs=None, process_index=0, process_count=1)
+  with pytest.raises(NoUsableData, match=r"no usable sample in a whole pass over the 30 records .*'bad_image': 30"):
+    next(iter(p))
+  assert caplog.text.count("skipping ") == WARNINGS_SHOWN
+  assert "further 'bad_image' skips are counted, not shown" in caplog.text
+  with pytest.raises(NoUsableData, match="no records for host 0 of 1"):
+    DataPipeline([], tok, config(), seed=0, process_index=0, process_count=1)
+
+
 def test_long_samples_truncated_or_dropped(tok):
   long = make_records(1)[0]
   long["conversations"][1]["value"] = "red " * 400

@@ -52,6 +52,18 @@ def test_image_span_layout(qwen):
     qwen.encode("look <img>a.png")
 
 
+@pytest.mark.parametrize("text, tag", [("a </img> b", "stray </img>"), ("<img>a.png</img> then </img>", "stray </img>"),
+                                        ("pad <imgpad> here", "stray <imgpad>"),
+                                        ("<img>a.png</img><img>b", "unclosed <img>")])
+def test_image_tags_outside_image_references_are_refused(qwen, sp, text, tag):
+  """A lone tag would shift which image features later images of a packed row get: an error (the data pipeline
+  skips such a record, counted), for both tokenizers; as plain text (allowed_special without images) it is text."""
+  for tok in (qwen, sp):
+    with pytest.raises(TokenizerError, match=tag):
+      tok.encode(text)
+    assert tok.img_end_id not in tok.encode(text, allowed_special=set())
+
+
 def test_load_tokenizer_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     qv.load_tokenizer(str(tmp_path / "nope.tiktoken"))

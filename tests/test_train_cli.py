@@ -52,6 +52,14 @@ def test_unusable_workdir_is_one_error_line(env, tmp_path):
   assert r.returncode == 2 and "mount the bucket" in error_line(r.stderr)
 
 
+def test_a_mistyped_init_path_is_one_error_line_and_creates_nothing(env, tmp_path):
+  typo = tmp_path / "stage1_typo"
+  r = train(env, f"--config={write_config(tmp_path)}", f"--workdir={tmp_path / 'run'}",
+            "--config.init.source=checkpoint", f"--config.init.path={typo}", timeout=120)
+  assert r.returncode == 2 and f"checkpoint folder {typo} does not exist" in error_line(r.stderr), describe(r)
+  assert not typo.exists()
+
+
 def test_any_resolution_configs_need_a_patch_budget_except_for_the_dry_run():
   from qwenvl_jax.train.config import base_config, validate
   c = base_config()

@@ -129,8 +129,11 @@ def load_training_params(directory: str, abstract_params, param_shardings):
   """Params of the latest checkpoint of a `train.py` workdir (its `checkpoints/`, or that folder itself) -> (params,
   step). The train state is stored as Orbax item `state` (`qwenvl_jax.train.checkpointing`); only its params are
   read."""
+  if not os.path.isdir(directory):  # checked here: the manager would create the folder it was asked to read
+    raise FileNotFoundError(f"checkpoint folder {directory} does not exist")
   ckpt_dir = os.path.join(directory, "checkpoints") if os.path.isdir(os.path.join(directory, "checkpoints")) else directory
-  mgr = ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_names=("state", "data"))
+  mgr = ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_names=("state", "data"),
+                              options=ocp.CheckpointManagerOptions(create=False, read_only=True))
   step = mgr.latest_step()
   if step is None:
     raise FileNotFoundError(f"no training checkpoint in {ckpt_dir}")

@@ -10,8 +10,9 @@ a loss mask, a task id per token and preprocessed images; several samples are pa
     pixel_values [B, M, 3, S, S] float32 (row b's k-th <img> span takes slot k)    image_mask [B, M] bool
 
 Samples that fail (unreadable image, too long under the 'drop' policy, too many images, a video: fixed image spans
-cannot hold one) are skipped with a warning naming the record and counted; `strict=True` raises instead. Counts
-are logged after each epoch's worth of samples and at the end of the data.
+cannot hold one) are skipped with a warning naming the record (the first 20 of each kind) and counted;
+`strict=True` raises instead. Counts are logged after each epoch's worth of samples and at the end of the data; an
+epoch without one usable sample raises `NoUsableData` (a run on such data would otherwise wait forever).
 The iterator state is checkpointable (`get_state` / `set_state`). Families whose images keep their own resolution
 (Qwen2-VL) bring their own sample encoder and pack on two budgets (`build_patch_dataset`, `patch_packing.py`).
 """
@@ -45,6 +46,11 @@ from qwenvl_jax.data.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger("qwenvl_jax.data")
 PACKERS = ("window", "first_fit")
+WARNINGS_SHOWN = 20  # skip warnings of one kind logged per run before only the epoch counts are
+
+
+class NoUsableData(ValueError):
+  """A whole pass over the records gave no usable sample: every later pass would give none either."""
 _VIDEO_REF = re.compile(r"<video>.*?</video>", re.S)
 
 
@@ -92,6 +98,8 @@ class SampleEncoder:
     self._task_index = {name: i + 1 for i, name in enumerate(cfg.task_names)}
     self.epoch_size = 0  # samples per epoch on this host; set by build_dataset so each epoch's counts get logged
     self._seen = 0
+    self._ok_before_epoch = 0
+    self._warned: collections.Counter = collections.Counter()
 
   def summary(self) -> str:
     c = self.counts
@@ -99,15 +107,27 @@ class SampleEncoder:
     return f"{c['ok']} samples used, {c['truncated']} truncated, skipped: {skipped or 'none'}"
 
   def _count(self, key: str, record: dict | None = None, why: str | None = None):
+    """Count an outcome; at each epoch's end log the counts, and stop a run whose whole epoch gave nothing (records
+    encode the same way every epoch, so it would loop forever)."""
     with self._lock:
       self.counts[key] += 1
+      empty_epoch = False
       if key != "truncated":
         self._seen += 1
         if self.epoch_size and self._seen % self.epoch_size == 0:
           log.warning("data epoch %d done: %s", self._seen // self.epoch_size, self.summary())
-    if why:
+          empty_epoch = self.counts["ok"] == self._ok_before_epoch
+          self._ok_before_epoch = self.counts["ok"]
+      self._warned[key] += bool(why)
+      shown = self._warned[key]
+    if why and shown <= WARNINGS_SHOWN:
       where = (record or {}).get("source") or (record or {}).get("id", "?")
       log.warning("skipping %s: %s", where, why)
+      if shown == WARNINGS_SHOWN:
+        log.warning("further '%s' skips are counted, not shown (the counts follow at each epoch's end)", key)
+    if empty_epoch:
+      raise NoUsableData(f"no usable sample in a whole pass over the {self.epoch_size} records of this host "
+                         f"({self.summary()}): fix the data or the limits (seq_len, max_images, patch_budget)")
 
   def tokenize(self, record: dict) -> tuple[Tokenized, list[str]]:
     if "text" in record and "conversations" not in record:
@@ -194,6 +214,9 @@ def encoded_samples(source, encoder, cfg: DataConfig, *, seed: int = 0, num_epoc
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds[process_index::process_count]  # disjoint per host within every (re)shuffled epoch
+  if len(ds) == 0:
+    raise NoUsableData(f"the data source has no records for host {process_index} of {process_count} "
+                       f"({len(source)} records in all)")
   encoder.epoch_size = len(ds)
   ds = ds.repeat(num_epochs) if num_epochs != 1 else ds
   ds = ds.map(encoder).filter(lambda x: x is not None)

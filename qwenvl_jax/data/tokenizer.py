@@ -30,6 +30,17 @@ QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|
 _IMG_SPAN = re.compile(re.escape(IMG_START) + "(.*?)" + re.escape(IMG_END), re.S)
 
 
+def _outside_images(text: str) -> str:
+  """Text between image references: an image tag here would be a span without an image (`<img>` with no close)
+  or the close of none (`</img>`, `<imgpad>`), whose ids shift which features later images get: refused."""
+  for tag in (IMG_START, IMG_END, IMG_PAD):
+    if tag in text:
+      what = "unclosed" if tag == IMG_START else "stray"
+      raise TokenizerError(f"{what} {tag} in text (image tags only as <img>path</img>): "
+                           f"{text[text.index(tag):][:60]!r}")
+  return text
+
+
 class Tokenizer:
   """Common interface. Subclasses provide `_encode_plain`, `_decode_plain`, `_special_id` and `vocab_size`."""
 
@@ -69,13 +80,10 @@ class Tokenizer:
     ids: list[int] = []
     end = 0
     for m in _IMG_SPAN.finditer(text):
-      ids += self._encode_plain(text[end:m.start()], allowed_special)
+      ids += self._encode_plain(_outside_images(text[end:m.start()]), allowed_special)
       ids += self.image_ids(m.group(1))
       end = m.end()
-    rest = text[end:]
-    if IMG_START in rest:
-      raise TokenizerError(f"unclosed {IMG_START} in text: {rest[rest.index(IMG_START):][:60]!r}")
-    return ids + self._encode_plain(rest, allowed_special)
+    return ids + self._encode_plain(_outside_images(text[end:]), allowed_special)
 
   def image_ids(self, path: str = "") -> list[int]:
     """The `image_span + 2` ids of one image: <img>, path bytes (Qwen) / nothing, <imgpad>..., </img>."""

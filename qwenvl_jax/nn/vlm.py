@@ -11,18 +11,25 @@ import jax.numpy as jnp
 
 
 def splice_spans(embeds: jax.Array, input_ids: jax.Array, features: jax.Array, start_id: int,
-                 end_id: int) -> jax.Array:
+                 end_id: int, segment_ids: jax.Array | None = None) -> jax.Array:
   """Overwrite image-slot embeddings with image features.
 
   embeds: [B, S, D]; input_ids: [B, S]. features: [N, Q, D] consumed batch-major (image k fills the k-th span
   counted row by row), or [B, M, Q, D] with M image slots per row (packed rows: row b's k-th span takes
   features[b, k]). Spans must be well formed (checked on the host before the call); unused features are ignored.
+  segment_ids [B, S] (packed rows): a span never reaches past its sample, so a stray tag in one sample cannot
+  take the image slots of the next.
   """
   b, s = input_ids.shape
   is_start = input_ids == start_id
-  depth = jnp.cumsum(is_start, axis=1) - jnp.cumsum(input_ids == end_id, axis=1)
-  inside = (depth > 0) & ~is_start
+  step = is_start.astype(jnp.int32) - (input_ids == end_id).astype(jnp.int32)
+  depth = jnp.cumsum(step, axis=1)
   t = jnp.arange(s)
+  if segment_ids is not None:  # restart the depth at each sample's first token
+    first = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    seg_start = jax.lax.cummax(jnp.where(first, t, 0), axis=1)
+    depth = depth - jnp.take_along_axis(depth - step, seg_start, axis=1)
+  inside = (depth > 0) & ~is_start
   last_start = jax.lax.cummax(jnp.where(is_start, t, -1), axis=1)
   q = features.shape[-2]
   slot = jnp.clip(t - last_start - 1, 0, q - 1)

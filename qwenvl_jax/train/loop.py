@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 
 import jax
@@ -26,6 +25,7 @@ from qwenvl_jax.sharding import LOGICAL_RULES, make_mesh
 from qwenvl_jax.train.activations import activation_bytes
 from qwenvl_jax.train.checkpointing import TrainCheckpointer
 from qwenvl_jax.train.optimizer import make_optimizer
+from qwenvl_jax.train.sigterm import Interrupted, SigtermGuard
 from qwenvl_jax.train.state import bytes_per_device, create_state, state_shardings
 from qwenvl_jax.train.step import StepOptions, fed_flops, flops_per_step, train_step
 
@@ -194,7 +194,18 @@ def dry_run(c) -> dict:
 
 def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None = None) -> dict:
   """Train one stage in `workdir` (resuming from its latest checkpoint if any). Returns final metrics.
-  `shared_dir` holds what chained stages share (the trained tokenizer); default: the workdir."""
+  `shared_dir` holds what chained stages share (the trained tokenizer); default: the workdir. SIGTERM at any point
+  ends the stage with exit status 0: during a step it finishes the step and saves; while starting up it saves
+  nothing new; while waiting for data it saves the last step if that is not saved yet."""
+  with SigtermGuard() as guard:
+    try:
+      return _run_stage(c, workdir, shared_dir, guard)
+    except Interrupted:
+      print("SIGTERM during start-up: exiting, nothing new saved", flush=True)
+      return {"step": None, "stopped_by_signal": True}
+
+
+def _run_stage(c, workdir: str, shared_dir: str | None, guard: SigtermGuard) -> dict:
   os.makedirs(workdir, exist_ok=True)
   if not os.access(workdir, os.W_OK | os.R_OK):
     raise PermissionError(f"workdir {workdir} is not readable and writable")
@@ -213,9 +224,9 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
   data_iter = iter(pipeline)
   ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep,
                            async_save=c.checkpoint.async_save)
-  start = ckpt.latest_step()
-  if start is not None:
-    state, data_state = ckpt.restore(start, abstract, shardings)
+  found = ckpt.restore_latest(abstract, shardings)
+  if found is not None:
+    start, state, data_state = found
     if data_state:
       data_iter.set_state(data_state)
     log.warning("resumed from step %d", start)
@@ -235,8 +246,6 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
   step_fn = jax.jit(lambda s, b: train_step(s, b, model=model, tx=tx, schedule=sched, opts=opts),
                     in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
 
-  stop = {"sigterm": False}
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
   writer = _tb_writer(c, workdir, purge_step=start + 1) if primary else None
   total = c.optim.total_steps
   # MFU: fixed-span families compute the same every step; any-resolution batches count what each one feeds (the
@@ -250,10 +259,22 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
   last: dict = {}
   step = start
   trace = _Trace(c.profile, os.path.join(workdir, "tensorboard"))
+  saved, data_state = start, data_iter.get_state()
+  guard.interruptible = False  # from here SIGTERM finishes the step in flight
   try:
     with jax.set_mesh(mesh), _logical_rules():
       while step < total:
-        local = next(data_iter)
+        try:
+          with guard.waiting():
+            local = next(data_iter)
+        except Interrupted:
+          if step > saved:  # data_state is the position after the last step's batch
+            ckpt.save(step, state, data_state, force=True)
+          ckpt.wait()
+          print(f"SIGTERM while waiting for data: {'saved' if step > saved else 'already saved'} step {step}, "
+                "exiting", flush=True)
+          break
+        data_state = data_iter.get_state()
         step_flops = fixed_flops or fed_flops(cfg, local) * jax.process_count()
         batch = _global_batch(local, batch_sharding)
         trace.before(step + 1)
@@ -264,8 +285,10 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
         if not bool(m["finite"]):
           if c.nonfinite == "stop":
             ckpt.wait()  # an async save in flight is the last good state the message names
-            raise NonFiniteLoss(f"non-finite loss or gradient at step {step} (loss {float(m['loss'])}); "
-                                f"the last checkpoint (step {ckpt.latest_step()}) holds the last good state")
+            good = ckpt.latest_step()
+            raise NonFiniteLoss(f"non-finite loss or gradient at step {step} (loss {float(m['loss'])}); " + (
+                f"the last checkpoint (step {good}) holds the last good state" if good is not None else
+                "no checkpoint was saved before it (lower the learning rate or check the data)"))
           log.warning("step %d: non-finite loss or gradient, update skipped", step)
         else:  # window means over the steps that updated (a skipped step's losses are NaN)
           window["loss"] += float(m["loss"])
@@ -285,9 +308,10 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
           if primary:
             with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
               f.write(json.dumps({"step": step, "last_loss": float(m["loss"]), **last}) + "\n")
-        if step % c.checkpoint.every == 0 or step == total or stop["sigterm"]:
-          ckpt.save(step, state, data_iter.get_state(), force=True)
-        if stop["sigterm"]:
+        if step % c.checkpoint.every == 0 or step == total or guard.requested:
+          ckpt.save(step, state, data_state, force=True)
+          saved = step
+        if guard.requested:
           ckpt.wait()
           print(f"SIGTERM: saved step {step}, exiting", flush=True)
           break
@@ -295,12 +319,11 @@ def run_stage(c: ml_collections.ConfigDict, workdir: str, shared_dir: str | None
     trace.stop()
     ckpt.wait()
     ckpt.close()
-    signal.signal(signal.SIGTERM, previous_handler)
     if bar is not None:
       bar.close()
     if writer is not None:
       writer.close()
-  last.update(step=step, stopped_by_signal=stop["sigterm"])
+  last.update(step=step, stopped_by_signal=guard.requested)
   return last
 
 

@@ -119,6 +119,21 @@ def test_splice_spans_row_local_slots():
   assert (got[1, :4] == 0).all() and (got[:, [0, 3, 4, 7]][0] == 0).all()
 
 
+def test_splice_spans_stay_within_their_sample():
+  """A stray </img> in the first sample of a packed row: without segment ids the depth count spans the row and the
+  next sample's image gets none of its features; with them it gets all of them."""
+  start, end, q, d = 50, 51, 2, 3
+  ids = np.array([[7, end, 7, start, 9, 9, end, 7]])
+  seg = np.array([[1, 1, 1, 2, 2, 2, 2, 2]])
+  emb = np.zeros(ids.shape + (d,), np.float32)
+  feats = np.random.default_rng(6).normal(size=(1, 2, q, d)).astype(np.float32)
+  args = (jnp.asarray(emb), jnp.asarray(ids), jnp.asarray(feats), start, end)
+  assert (np.asarray(splice_spans(*args))[0, 4:6] == 0).all()  # the defect segment ids prevent
+  got = np.asarray(splice_spans(*args, segment_ids=jnp.asarray(seg)))
+  np.testing.assert_array_equal(got[0, 4:6], feats[0, 0])
+  assert (np.delete(got[0], [4, 5], axis=0) == 0).all()
+
+
 def test_mrope_sections_pick_each_axis():
   from qwenvl_jax.nn.rotary import mrope_angles, rope_angles
   inv = inv_frequencies(16, 1e6)                               # 8 frequencies

@@ -82,7 +82,8 @@ class QwenVL(nn.Module):
       else:
         image_features = self.encode_images(pixel_values)
     if image_features is not None:
-      x = splice_spans(x, input_ids, image_features, c.visual.image_start_id, c.visual.image_end_id)
+      x = splice_spans(x, input_ids, image_features, c.visual.image_start_id, c.visual.image_end_id,
+                       segment_ids=segment_ids)
     # Constrain at the block boundary: left to propagation, the splice's sharding (image features come out
     # split over 'tensor') gave wrong logits under jax.set_mesh on jax 0.10.2 (tests/sharded_forward.py).
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))

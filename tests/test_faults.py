@@ -1,0 +1,114 @@
+"""Faults a long run meets, injected on purpose: data that never yields a sample, SIGTERM at every phase of a run
+(imports, start-up, waiting for data), a NaN before the first checkpoint. Each ends in one clear line and exit 0
+(signals) or 2 (errors), never a hang, and an interrupted run resumes bit-identically."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from train_runs import (
+  REF_OVERRIDES,
+  ROOT,
+  TOTAL,
+  assert_identical,
+  checkpoint_steps,
+  describe,
+  error_line,
+  load_state,
+  metrics,
+  train,
+  write_config,
+)
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_worker.py")
+
+
+def worker(env, mode, *args, timeout=600) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, WORKER, mode, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout, check=False)
+
+
+def test_data_that_never_yields_a_sample_is_one_error_after_one_pass(env, tmp_path):
+  """Every sample longer than seq_len and dropped: one pass over the records, then `error:`; the skip warnings are
+  capped (the first 20 of a kind), not megabytes."""
+  wd = tmp_path / "run"
+  r = train(env, f"--config={write_config(tmp_path)}", f"--workdir={wd}", "--config.data.seq_len=12",
+            "--config.data.truncation=drop", "--config.data.num_records=60", "--config.optim.loss_chunk=12",
+            timeout=300)
+  errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+  assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, describe(r)
+  line = errors[0]  # after the data's own end-of-epoch count line
+  assert "no usable sample in a whole pass over the 60 records" in line and "dropped_too_long" in line, line
+  assert len(r.stderr) < 20_000 and checkpoint_steps(wd) == [], describe(r)
+
+
+def test_sigterm_while_waiting_for_data_saves_the_last_step_and_resumes_exactly(reference, env, tmp_path):
+  wd = tmp_path / "run"
+  cfg = write_config(tmp_path)
+  r = worker(env, "data=6", f"--config={cfg}", f"--workdir={wd}", *REF_OVERRIDES)
+  assert r.returncode == 0 and "data stalls after 6 batches" in r.stdout, describe(r)
+  assert "SIGTERM while waiting for data: saved step 6, exiting" in r.stdout, describe(r)
+  assert checkpoint_steps(wd) == [4, 6] and metrics(wd)[-1]["step"] == 6
+  r = train(env, f"--config={cfg}", f"--workdir={wd}", *REF_OVERRIDES)
+  assert r.returncode == 0 and "resumed from step 6" in r.stdout, describe(r)
+  assert [m["last_loss"] for m in metrics(wd)] == [reference["losses"][s] for s in range(1, TOTAL + 1)]
+  assert_identical(load_state(wd, TOTAL), load_state(reference["workdir"], TOTAL))
+
+
+def test_sigterm_during_start_up_exits_0_having_saved_nothing(env, tmp_path):
+  wd = tmp_path / "run"
+  r = worker(env, "startup", f"--config={write_config(tmp_path)}", f"--workdir={wd}", timeout=300)
+  assert r.returncode == 0 and "SIGTERM during start-up: exiting, nothing new saved" in r.stdout, describe(r)
+  assert checkpoint_steps(wd) == [] and not metrics(wd)
+  # and before the training loop exists at all: during train.py's imports
+  p = subprocess.Popen([sys.executable, "train.py", f"--config={write_config(tmp_path)}", f"--workdir={wd}"],
+                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  time.sleep(0.5)
+  p.send_signal(signal.SIGTERM)
+  out, err = p.communicate(timeout=300)
+  assert p.returncode == 0 and "SIGTERM during start-up: exiting, nothing new saved" in out, out + err
+  assert checkpoint_steps(wd) == []
+
+
+def test_a_nan_before_any_checkpoint_says_so(env, tmp_path):
+  wd = tmp_path / "run"
+  r = train(env, f"--config={write_config(tmp_path)}", f"--workdir={wd}", "--config.optim.lr=1e30",
+            "--config.optim.min_lr=0", "--config.optim.total_steps=6", "--config.checkpoint.every=100", timeout=300)
+  assert r.returncode == 2, describe(r)
+  line = error_line(r.stderr)
+  assert re.search(r"non-finite loss or gradient at step \d+", line) and "no checkpoint was saved before it" in line
+
+
+def _truncate_largest_file(folder) -> str:
+  files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names]
+  path = max(files, key=os.path.getsize)
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+  return path
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(reference, env, tmp_path):
+  """Step 16's largest state file truncated and a stray empty `checkpoints/20`: both set aside with a warning
+  naming them, training resumes from step 12 and ends bit-identical to the uninterrupted run. With no intact step
+  left: one error line."""
+  import shutil
+  wd = tmp_path / "run"
+  shutil.copytree(reference["workdir"], wd)
+  _truncate_largest_file(wd / "checkpoints" / "16" / "state")
+  (wd / "checkpoints" / "20").mkdir()
+  cfg = write_config(tmp_path)
+  r = train(env, f"--config={cfg}", f"--workdir={wd}", *REF_OVERRIDES)
+  assert r.returncode == 0 and "resumed from step 12" in r.stdout, describe(r)
+  for step in (20, 16):
+    assert re.search(rf"checkpoint \S+/checkpoints/{step} is damaged .* set aside as {step}\.damaged", r.stderr)
+    assert (wd / "checkpoints" / f"{step}.damaged").is_dir()
+  assert checkpoint_steps(wd)[-1] == TOTAL
+  assert_identical(load_state(wd, TOTAL), load_state(reference["workdir"], TOTAL))
+
+  for step in checkpoint_steps(wd):  # now every step damaged
+    _truncate_largest_file(wd / "checkpoints" / str(step) / "state")
+  r = train(env, f"--config={cfg}", f"--workdir={wd}", *REF_OVERRIDES, timeout=300)
+  assert r.returncode == 2 and "reads back" in error_line(r.stderr), describe(r)
