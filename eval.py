@@ -72,6 +72,9 @@ def main(argv) -> int:
     flags.FLAGS(argv)
     if _CONFIG.value is None or not _CHECKPOINT.value:
       raise ValueError("--config and --checkpoint are required")
+    for flag in (_MAX, _BATCH, _MAX_NEW):  # before the model is loaded: 0 or -1 examples is no evaluation
+      if flag.value is not None and flag.value < 1:
+        raise ValueError(f"--{flag.name}={flag.value}: must be at least 1")
     out = _OUT.value or os.path.join(_CHECKPOINT.value, f"eval_{_SPLIT.value}")
     metrics = run(_CONFIG.value, _CHECKPOINT.value, _SPLIT.value, out)
   except Exception as e:  # noqa: BLE001 - flags, config, checkpoint and data errors all end here as one line
@@ -82,6 +85,7 @@ def main(argv) -> int:
     print(f"{k:>20s}  {v:.4f}")
   for task, m in metrics["per_task"].items():
     print(f"{task:>20s}  " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
+  print(f"{metrics['n']} examples scored, {metrics['skipped']} skipped (unreadable; see the warnings)")
   print(f"wrote {out}/metrics.json and predictions.jsonl")
   return 0
 

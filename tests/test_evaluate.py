@@ -86,7 +86,71 @@ def test_eval_py_end_to_end(tmp_path):
   metrics = json.loads((wd / "eval_test" / "metrics.json").read_text())
   assert metrics["n"] == 10 and set(metrics["summary"]) <= SUMMARY_KEYS
   assert len((wd / "eval_test" / "predictions.jsonl").read_text().splitlines()) == 10
-  bad = subprocess.run([sys.executable, "eval.py", f"--config={cfg}", f"--checkpoint={tmp_path / 'nope'}"],
-                       capture_output=True, text=True, timeout=300)
-  errors = [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")]
-  assert bad.returncode == 2 and len(errors) == 1 and "does not exist" in errors[0]
+  for args, message in (([f"--checkpoint={tmp_path / 'nope'}"], "does not exist"),
+                        ([f"--checkpoint={wd}", "--max_examples=0"], "--max_examples=0: must be at least 1")):
+    bad = subprocess.run([sys.executable, "eval.py", f"--config={cfg}", *args], capture_output=True, text=True,
+                         timeout=300)
+    errors = [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")]
+    assert bad.returncode == 2 and len(errors) == 1 and message in errors[0], bad.stderr[-2000:]
+  assert "10 examples scored, 0 skipped" in out.stdout, out.stdout
+
+
+def test_unreadable_records_are_skipped_and_counted_and_nothing_to_score_is_an_error(tmp_path, monkeypatch):
+  """A corrupt, truncated or empty image, a record without a final reference answer, a prompt longer than the
+  context and a record the source cannot produce are each skipped with a warning and counted; the rest is scored.
+  Zero records (max_examples 0 or -1, or all skipped) is an error, not metrics over nothing."""
+  import io
+
+  import PIL.Image
+
+  import qwenvl_jax as qv
+  from qwenvl_jax.data.jsonl import JsonlSource
+  from qwenvl_jax.data.shapes import train_tokenizer
+  from qwenvl_jax.evals import evaluate as E
+  from qwenvl_jax.models.qwen_vl.config import QWEN_VL_DEMO
+
+  tok = train_tokenizer(str(tmp_path / "tok"), num_records=200)
+  model = qv.QwenVLModel.random(QWEN_VL_DEMO.replace(num_hidden_layers=1, visual=dict(layers=1)), seed=0)
+  buf = io.BytesIO()
+  PIL.Image.new("RGB", (8, 8), (255, 0, 0)).save(buf, "PNG")
+  (tmp_path / "red.png").write_bytes(buf.getvalue())
+  (tmp_path / "cut.png").write_bytes(buf.getvalue()[:40])
+  (tmp_path / "junk.png").write_bytes(b"not an image at all")
+  (tmp_path / "empty.png").write_bytes(b"")
+
+  def rec(rid, image="red.png", question="What color?", extra=()):
+    return {"id": rid, "task": "vqa_color", "conversations": [
+        {"from": "user", "value": f"Picture 1: <img>{image}</img>\n{question}"}, {"from": "assistant", "value": "red"},
+        *extra]}
+  records = [rec("good"), rec("cut", "cut.png"), rec("junk", "junk.png"), rec("empty", "empty.png"),
+             rec("no-reference", extra=[{"from": "user", "value": "and?"}]), rec("long", question="red " * 3000),
+             rec("good2")]
+  (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+  source = JsonlSource(str(tmp_path / "eval.jsonl"))
+  assert len(source) == 7
+
+  class Flaky:  # a source whose record 0 cannot be produced (a TFDS record that does not decode)
+    def __len__(self):
+      return len(source)
+
+    def __getitem__(self, i):
+      if i == 0:
+        raise ValueError("record 0 does not decode")
+      return source[i]
+
+  seen = []
+
+  def answers(model, tokenizer, prompts, max_new_tokens):
+    seen.append(len(prompts))
+    return ["red"] * len(prompts)
+  monkeypatch.setattr(E, "generate_answers", answers)
+  metrics, predictions = E.evaluate(model, tok, source, batch_size=4, progress=False)
+  assert [p["id"] for p in predictions] == ["good", "good2"] and metrics["skipped"] == 5 and metrics["n"] == 2
+  assert metrics["summary"]["vqa_accuracy"] == 1.0 and seen == [1, 1]
+  metrics, predictions = E.evaluate(model, tok, Flaky(), progress=False)
+  assert [p["id"] for p in predictions] == ["good2"] and metrics["skipped"] == 6
+  for n in (0, -1):
+    with pytest.raises(ValueError, match=f"nothing to evaluate: 7 records, max_examples {n}"):
+      E.evaluate(model, tok, source, max_examples=n, progress=False)
+  with pytest.raises(ValueError, match="no record could be evaluated: all 6 skipped"):
+    E.evaluate(model, tok, Flaky(), max_examples=6, progress=False)

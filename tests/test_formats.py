@@ -124,6 +124,6 @@ def test_official_json_list_format(tmp_path):
                                                   {"from": "assistant", "value": "hello"}]}]
   (tmp_path / "train.json").write_text(json.dumps(data))
   src = JsonlSource(str(tmp_path / "train.json"))
-  assert len(src) == 1 and src[0]["id"] == "identity_0" and src[0]["source"].endswith("train.json[0]")
+  assert len(src) == 1 and src[0]["id"] == "identity_0" and src[0]["source"].endswith("train.json:1 (record 0)")
   img = np.asarray(PIL.Image.open(src[0]["images"]["x.png"]))
   assert img.shape == (8, 8, 3)

@@ -20,6 +20,7 @@ import dataclasses
 import re
 
 from qwenvl_jax.data.hf_tokenizer import GROUNDING_TOKENS
+from qwenvl_jax.data.special_tokens import TokenizerError, check_unicode
 from qwenvl_jax.data.tokenizer import ENDOFTEXT, IM_END, IM_START, IMAGE_ST, Tokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -75,6 +76,10 @@ def normalize_roles(conversations, where: str = "sample") -> list[tuple[str, str
       raise FormatError(f"{where}: unknown role {turn['from']!r} in turn {k} (expected user or assistant)")
     if not isinstance(turn["value"], str):
       raise FormatError(f"{where}: turn {k} value is not a string")
+    try:
+      check_unicode(turn["value"])
+    except TokenizerError as e:
+      raise FormatError(f"{where}: turn {k}: {e}") from None
     out.append((role, turn["value"]))
   if out and out[0][0] != "user":  # as the official recipe: a leading non-user turn is dropped
     out = out[1:]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 
-from qwenvl_jax.data.special_tokens import ENDOFTEXT, IM_END, IM_START, TokenizerError
+from qwenvl_jax.data.special_tokens import ENDOFTEXT, IM_END, IM_START, TokenizerError, check_unicode
 
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
@@ -80,6 +80,7 @@ class HFTokenizer:
   def encode(self, text: str, allowed_special=()) -> list[int]:
     """Text -> ids. `allowed_special`: surface forms that become their special id ('all': every special token);
     by default none do, so special-looking characters in `text` stay text."""
+    check_unicode(text)
     if not allowed_special:
       return self._plain(text)
     forms = sorted(self.special_ids if allowed_special == "all" else set(allowed_special), key=len, reverse=True)

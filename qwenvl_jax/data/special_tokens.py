@@ -6,3 +6,12 @@ ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
 class TokenizerError(ValueError):
   """Text the tokenizer cannot encode as asked (message says why)."""
+
+
+def check_unicode(text: str) -> None:
+  """A lone surrogate (from JSON "\\ud800" or a terminal) is no text: TokenizerError, not a crash in the encoder."""
+  if not text.isascii():
+    try:
+      text.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise TokenizerError(f"text is not valid Unicode: a lone surrogate at character {e.start}") from None

@@ -16,7 +16,13 @@ import os
 import re
 import unicodedata
 
-from qwenvl_jax.data.special_tokens import ENDOFTEXT, IM_END, IM_START, TokenizerError  # noqa: F401 - re-exported
+from qwenvl_jax.data.special_tokens import (  # noqa: F401 - TokenizerError re-exported
+  ENDOFTEXT,
+  IM_END,
+  IM_START,
+  TokenizerError,
+  check_unicode,
+)
 
 EXTRAS = tuple(f"<|extra_{i}|>" for i in range(205))
 REF_START, REF_END, BOX_START, BOX_END = "<ref>", "</ref>", "<box>", "</box>"
@@ -72,6 +78,7 @@ class Tokenizer:
     """Text -> ids. `allowed_special`: 'all' (every special surface form becomes its id, as the official
     `tokenizer.encode`) or a set of surface forms (others stay plain text). `<img>path</img>` spans become the
     image-slot layout whenever `<img>` is allowed."""
+    check_unicode(text)
     if self.normalize_nfc:
       text = unicodedata.normalize("NFC", text)
     images_on = allowed_special == "all" or IMG_START in allowed_special

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 
 import numpy as np
@@ -18,6 +19,8 @@ from qwenvl_jax.data.boxes import parse_boxes, qwen_vl_tags
 from qwenvl_jax.data.conversation import DEFAULT_SYSTEM, normalize_roles
 from qwenvl_jax.evals import metrics as M
 from qwenvl_jax.infer.chat import generate_answers, prompt_inputs
+
+log = logging.getLogger("qwenvl_jax.evals")
 
 CAPTION_TASKS = ("caption", "grounded_caption")
 
@@ -41,14 +44,11 @@ def turns_of(record: dict) -> tuple[list[tuple[str, str]], str, str]:
   return pairs, turns[-2][1], turns[-1][1]
 
 
-def generate_batch(model, tokenizer, records, max_new_tokens: int) -> list[str]:
-  """Greedy answers for a list of records (one batched generate call), in the data's grounding tags."""
-  prompts = []
-  for r in records:
-    pairs, query, _ = turns_of(r)
-    media = {**(r.get("images") or {}), **(r.get("videos") or {})}
-    prompts.append(prompt_inputs(model, tokenizer, query, pairs, DEFAULT_SYSTEM, media, trusted=True))
-  return [qwen_vl_tags(a).strip() for a in generate_answers(model, tokenizer, prompts, max_new_tokens)]
+def prompt_of(model, tokenizer, record: dict):
+  """The record's prompt for `model` (its history and question, images and videos decoded) -> prompt_inputs."""
+  pairs, query, _ = turns_of(record)
+  media = {**(record.get("images") or {}), **(record.get("videos") or {})}
+  return prompt_inputs(model, tokenizer, query, pairs, DEFAULT_SYSTEM, media, trusted=True)
 
 
 def score(predictions: list[dict]) -> dict:
@@ -90,26 +90,52 @@ def score(predictions: list[dict]) -> dict:
 
 def evaluate(model, tokenizer, source, max_examples: int | None = None, batch_size: int = 8,
              max_new_tokens: int = 48, progress: bool = True) -> tuple[dict, list[dict]]:
-  """Generate for the first `max_examples` records of `source` and score them -> (metrics, predictions)."""
+  """Generate for the first `max_examples` records of `source` and score them -> (metrics, predictions). A record
+  that cannot be read or prompted (a corrupt image, a malformed turn, a prompt too long for the context) is skipped
+  with a warning naming it and counted in metrics["skipped"]; none left to score is an error."""
   n = len(source) if max_examples is None else min(max_examples, len(source))
-  records = [source[i] for i in range(n)]
+  if n <= 0:
+    raise ValueError(f"nothing to evaluate: {len(source)} records, max_examples {max_examples}")
+  context = model.config.max_position_embeddings
+  skipped = []
+
+  def usable(what, make):
+    try:
+      return make()
+    except (ValueError, KeyError, TypeError, OSError) as e:  # ImageError, FormatError, TokenizerError: ValueErrors
+      skipped.append(what)
+      log.warning("eval: skipping %s: %s", what, " ".join(str(e).split())[:300])
+      return None
+
+  def prompt(record):
+    ids, vision = prompt_of(model, tokenizer, record)
+    if len(ids) + max_new_tokens > context:  # it would fail its whole batch in generate
+      raise ValueError(f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the context of {context}")
+    return ids, vision
+
+  records = [r for i in range(n) if (r := usable(f"record {i}", lambda i=i: source[i])) is not None]
   bar = None
   if progress:
     from tqdm import tqdm
-    bar = tqdm(total=n, desc="eval", unit="example")
+    bar = tqdm(total=len(records), desc="eval", unit="example")
   predictions = []
   # batches of one task: similar prompt lengths, so left padding wastes little
-  order = sorted(range(n), key=lambda i: (records[i].get("task", ""), i))
-  for start in range(0, n, batch_size):
-    chunk = [records[i] for i in order[start:start + batch_size]]
-    for r, answer in zip(chunk, generate_batch(model, tokenizer, chunk, max_new_tokens)):
-      predictions.append({"id": r.get("id"), "task": r.get("task", "chat"), "prediction": answer,
+  order = sorted(records, key=lambda r: r.get("task", ""))
+  for start in range(0, len(order), batch_size):
+    chunk = order[start:start + batch_size]
+    prompts = [usable(r.get("id", "record"), lambda r=r: prompt(r)) for r in chunk]
+    kept = [(r, p) for r, p in zip(chunk, prompts) if p is not None]
+    answers = generate_answers(model, tokenizer, [p for _, p in kept], max_new_tokens) if kept else []
+    for (r, _), answer in zip(kept, answers):  # in the data's grounding tags, for every family
+      predictions.append({"id": r.get("id"), "task": r.get("task", "chat"), "prediction": qwen_vl_tags(answer).strip(),
                           "reference": turns_of(r)[2]})
     if bar is not None:
       bar.update(len(chunk))
   if bar is not None:
     bar.close()
-  return score(predictions), predictions
+  if not predictions:
+    raise ValueError(f"no record could be evaluated: all {n} skipped (see the warnings)")
+  return {**score(predictions), "skipped": len(skipped)}, predictions
 
 
 def write_results(out_dir: str, metrics: dict, predictions: list[dict]) -> None:
