@@ -107,6 +107,14 @@ def preprocess_image(src: ImageSource, size: int, name: str | None = None) -> np
   return (x - _MEAN) / _STD
 
 
+def normalized_chw(img: Image.Image, mean, std, rescale_factor: float = 1 / 255) -> np.ndarray:
+  """RGB PIL image -> float32 [3, H, W] as transformers' image processors make it: uint8 * rescale_factor in
+  float64, cast to float32, then (x - mean) / std in float32."""
+  x = np.asarray(img, np.uint8).transpose(2, 0, 1)
+  x = (x.astype(np.float64) * rescale_factor).astype(np.float32)
+  return (x - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]
+
+
 def preprocess_images(srcs: Sequence[ImageSource], size: int) -> np.ndarray:
   """Images -> float32 [N, 3, size, size] (N may be 0)."""
   out = np.empty((len(srcs), 3, size, size), np.float32)

@@ -82,6 +82,32 @@ def qkv_paths(prefix: Path, leaf: str) -> tuple[Path, ...]:
   return tuple(prefix + (n, leaf) for n in ("q", "k", "v"))
 
 
+def conv2d():
+  """torch Conv2d weight [W, C, p, p] <-> our patch kernel [p, p, C, W]."""
+  return (lambda w: (w.transpose(2, 3, 1, 0),)), (lambda k: k.transpose(3, 2, 0, 1))
+
+
+def add_decoder_rules(r: RuleTable, prefix: str, spec, stack: str = "decoder") -> None:
+  """The transformers decoder layout (Qwen2 / LLaMA: `{prefix}layers.{i}.self_attn.{q,k,v,o}_proj`,
+  `mlp.{gate,up,down}_proj`, `input_layernorm`, `post_attention_layernorm`, then `{prefix}norm`) <-> our `decoder`
+  for a `DecoderSpec` (its biases say which bias tensors exist)."""
+  h, kvh, dh = spec.heads, spec.kv_heads, spec.head_dim
+  dec, t = ("decoder", "layers"), prefix + "layers.{i}."
+  for name, heads in (("q", h), ("k", kvh), ("v", kvh)):
+    r.add(t + f"self_attn.{name}_proj.weight", [dec + ("attn", name, "kernel")], linear(out_shape=(heads, dh)),
+          stack)
+    if spec.qkv_bias:
+      r.add(t + f"self_attn.{name}_proj.bias", [dec + ("attn", name, "bias")], reshaped((heads, dh)), stack)
+  r.add(t + "self_attn.o_proj.weight", [dec + ("attn", "o", "kernel")], linear(in_shape=(h, dh)), stack)
+  if spec.out_bias:
+    r.add(t + "self_attn.o_proj.bias", [dec + ("attn", "o", "bias")], same(), stack)
+  for name in ("gate", "up", "down"):
+    r.add(t + f"mlp.{name}_proj.weight", [dec + ("mlp", name, "kernel")], linear(), stack)
+  r.add(t + "input_layernorm.weight", [dec + ("ln_1", "scale")], same(), stack)
+  r.add(t + "post_attention_layernorm.weight", [dec + ("ln_2", "scale")], same(), stack)
+  r.add(prefix + "norm.weight", [("decoder", "ln_f", "scale")], same())
+
+
 def natural_key(name: str):
   return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 

@@ -55,6 +55,13 @@ class ViTBlock(nn.Module):
     return x, None
 
 
+def patchify(pixels: jax.Array, patch: int) -> jax.Array:
+  """[N, C, H, W] -> [N, gh, gw, p, p, C] (patch rows, patch cols, pixel row, pixel col, channel)."""
+  n, c, h, w = pixels.shape
+  x = pixels.reshape(n, c, h // patch, patch, w // patch, patch)
+  return x.transpose(0, 2, 4, 3, 5, 1)
+
+
 def vit_trunk(spec: ViTSpec, x: jax.Array, mask: jax.Array | None = None, rope: jax.Array | None = None):
   """Run the blocks; call from inside a parent's `nn.compact` method (parameters under `layers`).
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from qwenvl_jax.models.qwen2_vl.config import Qwen2VLConfig
-from qwenvl_jax.models.rules import RuleTable, Slot, expand, fused_blocks, linear, qkv_paths, reshaped, same
+from qwenvl_jax.models.rules import RuleTable, Slot, add_decoder_rules, expand, fused_blocks, linear, qkv_paths, same
 
 IGNORED_HF_KEYS = re.compile(r"rotary_emb\.inv_freq$")
 _ALIASES = ((re.compile(r"^model\.language_model\."), "model."), (re.compile(r"^model\.visual\."), "visual."),
@@ -27,23 +27,12 @@ def hf_key_alias(key: str) -> str:
 
 def rules(cfg: Qwen2VLConfig) -> RuleTable:
   c, v = cfg, cfg.vision
-  h, kvh, dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
   r = RuleTable()
   add = r.add
   add("model.embed_tokens.weight", [("wte", "embedding")], same())
   if not c.tie_word_embeddings:
     add("lm_head.weight", [("lm_head", "kernel")], linear())
-  dec, t = ("decoder", "layers"), "model.layers.{i}."
-  for name, heads in (("q", h), ("k", kvh), ("v", kvh)):
-    add(t + f"self_attn.{name}_proj.weight", [dec + ("attn", name, "kernel")], linear(out_shape=(heads, dh)),
-        "decoder")
-    add(t + f"self_attn.{name}_proj.bias", [dec + ("attn", name, "bias")], reshaped((heads, dh)), "decoder")
-  add(t + "self_attn.o_proj.weight", [dec + ("attn", "o", "kernel")], linear(in_shape=(h, dh)), "decoder")
-  for name in ("gate", "up", "down"):
-    add(t + f"mlp.{name}_proj.weight", [dec + ("mlp", name, "kernel")], linear(), "decoder")
-  add(t + "input_layernorm.weight", [dec + ("ln_1", "scale")], same(), "decoder")
-  add(t + "post_attention_layernorm.weight", [dec + ("ln_2", "scale")], same(), "decoder")
-  add("model.norm.weight", [("decoder", "ln_f", "scale")], same())
+  add_decoder_rules(r, "model.", c.decoder)
 
   add("visual.patch_embed.proj.weight", [("visual", "patch_embed")],
       ((lambda w: (w.transpose(1, 2, 3, 4, 0),)), (lambda k: k.transpose(4, 0, 1, 2, 3))))

@@ -31,7 +31,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from qwenvl_jax.data.images import CLIP_MEAN, CLIP_STD, ImageError, load_image
+from qwenvl_jax.data.images import CLIP_MEAN, CLIP_STD, ImageError, load_image, normalized_chw
 from qwenvl_jax.data.video import DEFAULT_FPS, read_video, spread
 from qwenvl_jax.models.qwen2_vl.positions import tokens_of
 
@@ -163,11 +163,7 @@ class Qwen2VLProcessor:
     """RGB PIL -> float32 [3, height, width], resized (PIL bicubic) and normalised."""
     if img.size != (width, height):
       img = img.resize((width, height), Image.Resampling.BICUBIC)
-    x = np.asarray(img, np.uint8).transpose(2, 0, 1)
-    x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
-    mean = np.asarray(self.image_mean, np.float32)[:, None, None]
-    std = np.asarray(self.image_std, np.float32)[:, None, None]
-    return (x - mean) / std
+    return normalized_chw(img, self.image_mean, self.image_std, self.rescale_factor)
 
   def _patchify(self, frames: np.ndarray) -> np.ndarray:
     """[F, 3, H, W] with F a multiple of T -> [F/T * H/p * W/p, 3 * T * p * p] in merge-window order."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from qwenvl_jax.models.qwen_vl.config import QwenVLConfig
-from qwenvl_jax.models.rules import RuleTable, Slot, expand, fused_blocks, linear, qkv_paths, same
+from qwenvl_jax.models.rules import RuleTable, Slot, conv2d, expand, fused_blocks, linear, qkv_paths, same
 
 # Buffers some official checkpoints carry that the model recomputes; skipped on import.
 IGNORED_HF_KEYS = re.compile(r"(rotary_emb\.inv_freq|\.h\.\d+\.attn\.(bias|masked_bias))$")
@@ -33,10 +33,6 @@ def _per_head_packed(heads: int, head_dim: int):
       return np.stack([q, k, v], axis=1).reshape(-1)
     return np.stack([p.transpose(1, 2, 0) for p in (q, k, v)], axis=1).reshape(3 * heads * head_dim, -1)
   return to_ours, to_hf
-
-
-def _conv():
-  return (lambda w: (w.transpose(2, 3, 1, 0),)), (lambda k: k.transpose(3, 2, 0, 1))
 
 
 def rules(cfg: QwenVLConfig) -> RuleTable:
@@ -74,7 +70,7 @@ def rules(cfg: QwenVLConfig) -> RuleTable:
   add(p + "query", [rs + ("query",)], same())
 
   vis, vl = "transformer.visual.", ("visual", "layers")
-  add(vis + "conv1.weight", [("visual", "patch_embed")], _conv())
+  add(vis + "conv1.weight", [("visual", "patch_embed")], conv2d())
   add(vis + "ln_post.bias", [rs + ("ln_post", "bias")], same())
   add(vis + "ln_post.weight", [rs + ("ln_post", "scale")], same())
   add(vis + "ln_pre.bias", [("visual", "ln_pre", "bias")], same())

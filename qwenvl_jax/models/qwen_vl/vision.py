@@ -14,14 +14,7 @@ import jax.numpy as jnp
 from qwenvl_jax.models.qwen_vl.config import QwenVLConfig
 from qwenvl_jax.nn.layers import LayerNorm, cast
 from qwenvl_jax.nn.positions import resize_square_table
-from qwenvl_jax.nn.vit import vit_trunk
-
-
-def patchify(pixels: jax.Array, patch: int) -> jax.Array:
-  """[N, C, H, W] -> [N, gh, gw, p, p, C] (patch rows, patch cols, pixel row, pixel col, channel)."""
-  n, c, h, w = pixels.shape
-  x = pixels.reshape(n, c, h // patch, patch, w // patch, patch)
-  return x.transpose(0, 2, 4, 3, 5, 1)
+from qwenvl_jax.nn.vit import patchify, vit_trunk
 
 
 class VisionTransformer(nn.Module):
