@@ -10,6 +10,8 @@ from train_runs import REF_OVERRIDES, describe, metrics, once, session_root, sub
 
 FIXTURE_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "qwen_vl_tiny")
 QWEN2_VL_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "qwen2_vl_tiny")
+INTERNVL_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "internvl_tiny")
+INTERNVL_ORIG_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "internvl_orig_tiny")
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +71,37 @@ def q2_case():
 def q2_model():
   import qwenvl_jax as qv
   return qv.load(QWEN2_VL_DIR, dtype="float32")
+
+
+# --- InternVL (tests/models/internvl) ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def iv_dir():
+  return INTERNVL_DIR
+
+
+@pytest.fixture(scope="session")
+def iv_orig_dir():
+  return INTERNVL_ORIG_DIR
+
+
+@pytest.fixture(scope="session")
+def iv_case():
+  """iv_case(name, folder=None): case_<name>.npz of the native fixture, or of a folder under internvl_orig_tiny."""
+  cache = {}
+
+  def get(name, folder=None):
+    path = os.path.join(INTERNVL_ORIG_DIR, folder) if folder else INTERNVL_DIR
+    if (name, folder) not in cache:
+      cache[name, folder] = dict(np.load(os.path.join(path, f"case_{name}.npz")))
+    return cache[name, folder]
+  return get
+
+
+@pytest.fixture(scope="session")
+def iv_model():
+  import qwenvl_jax as qv
+  return qv.load(INTERNVL_DIR, dtype="float32")
 
 
 # --- train.py end-to-end runs (test_train_loop.py, test_train_cli.py) ---------------------------------------------

@@ -165,7 +165,9 @@ def _host(a, idx):
 def hf_tensors(params: dict, cfg, dtype: str) -> tuple[Iterator[tuple[str, np.ndarray]], dict[str, int]]:
   """-> (lazy iterator of (HF name, array in `dtype`), HF name -> byte size)."""
   flat = flatten(params)
-  slots = registry.family_of(cfg).hf_slots(cfg)
+  fam = registry.family_of(cfg)
+  cfg = fam.hf_export_config(cfg)
+  slots = fam.hf_slots(cfg)
   np_dtype = np.dtype(NP_DTYPES[dtype])
 
   def sources(slot):

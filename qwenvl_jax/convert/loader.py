@@ -47,7 +47,8 @@ def read_hf_config(folder: str) -> dict:
 def load_hf_config(folder: str, **overrides):
   """The model config of an HF folder, in its family's dataclass."""
   d = read_hf_config(folder)
-  return registry.for_model_type(d.get("model_type")).from_hf_dict(d, **overrides)
+  fam = registry.for_model_type(d.get("model_type"))
+  return fam.from_hf_dict(d, **{**fam.folder_fields(folder, d), **overrides})
 
 
 def is_training_workdir(path: str) -> bool:
@@ -141,7 +142,7 @@ def load(path: str, dtype: str | None = "float32", progress=None, mesh=None, qua
                           f"(config.json + checkpoints/)") from None
   d = read_hf_config(path)
   fam = registry.for_model_type(d.get("model_type"))
-  cfg = fam.from_hf_dict(d, **_dtype_overrides(dtype or "float32"), **overrides)
+  cfg = fam.from_hf_dict(d, **{**fam.folder_fields(path, d), **_dtype_overrides(dtype or "float32"), **overrides})
   check(cfg)
   shardings = None if mesh is None or quantize else param_shardings(cfg, mesh)
   place = quantization.Quantizer(cfg, quantize, mesh).place if quantize else None

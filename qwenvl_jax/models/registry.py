@@ -11,8 +11,9 @@ import importlib
 from typing import Any, Callable
 
 # family name -> package; HF config.json model_type -> family name
-FAMILY_PACKAGES = {"qwen_vl": "qwenvl_jax.models.qwen_vl", "qwen2_vl": "qwenvl_jax.models.qwen2_vl"}
-MODEL_TYPES = {"qwen": "qwen_vl", "qwen2_vl": "qwen2_vl"}
+FAMILY_PACKAGES = {"qwen_vl": "qwenvl_jax.models.qwen_vl", "qwen2_vl": "qwenvl_jax.models.qwen2_vl",
+                   "internvl": "qwenvl_jax.models.internvl"}
+MODEL_TYPES = {"qwen": "qwen_vl", "qwen2_vl": "qwen2_vl", "internvl": "internvl", "internvl_chat": "internvl"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,10 @@ class Family:
   # are packed on tokens and patches (data/patch_packing.py); None: fixed image spans (data/pipeline.py)
   sample_encoder: Callable[..., Any] | None = None
   batch_vision_flops: Callable[[Any, dict], float] | None = None  # (cfg, packed batch) -> vision FLOPs it feeds
+  # config fields an HF folder gives outside config.json (e.g. special token ids from its tokenizer files):
+  # (folder, config.json dict) -> {field: value}
+  folder_fields: Callable[[str, dict], dict] = lambda folder, d: {}
+  hf_export_config: Callable[[Any], Any] = lambda cfg: cfg   # cfg -> the config whose name map export writes
 
   def get_config(self, name, **overrides):
     if isinstance(name, self.config_class):

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qwenvl_jax.nn.layers import dense
+from qwenvl_jax.nn.layers import RMSNorm, dense
 from qwenvl_jax.nn.rotary import apply_rotary
 
 
@@ -96,7 +96,8 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
 
 
 class MultiHeadAttention(nn.Module):
-  """Multi-head attention with biased q/k/v/out projections (ViT blocks, resampler), optional rotary angles.
+  """Multi-head attention with biased out projection and (by default) biased q/k/v (ViT blocks, resampler),
+  optional rotary angles, optional RMS normalisation of q and k over all heads (`qk_norm`: InternViT-6B).
 
   Kernels: q/k/v [in, heads, head_dim] named (in_axis, heads_axis, 'kv'); out [heads, head_dim, out].
   """
@@ -108,6 +109,8 @@ class MultiHeadAttention(nn.Module):
   out_axis: str
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  qk_norm: bool = False
+  qkv_bias: bool = True
 
   @nn.compact
   def __call__(self, x_q: jax.Array, x_k: jax.Array, x_v: jax.Array, mask: jax.Array | None = None,
@@ -116,8 +119,14 @@ class MultiHeadAttention(nn.Module):
     and keys (self-attention only)."""
     def proj(name, x):
       return dense((self.heads, self.head_dim), (self.in_axis, self.heads_axis, "kv"), name=name,
-                   use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+                   use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype)(x)
     q, k, v = proj("q", x_q), proj("k", x_k), proj("v", x_v)
+    if self.qk_norm:  # over the whole width (all heads), as InternViT: [B, S, H, Dh] -> [B, S, H*Dh] and back
+      def norm(name, t):
+        flat = t.reshape(*t.shape[:-2], -1)
+        return RMSNorm(1e-6, self.in_axis, name=name, dtype=self.dtype, param_dtype=self.param_dtype)(
+            flat).reshape(t.shape)
+      q, k = norm("q_norm", q), norm("k_norm", k)
     if rope is not None:
       q, k = apply_rotary(q, rope), apply_rotary(k, rope)
     out = dot_product_attention(q, k, v, mask)

@@ -2,7 +2,9 @@
 
 Qwen-VL: exact-GELU MLP, no positions inside the blocks (a learned table is added before the trunk). Qwen2-VL:
 QuickGELU MLP, 2-D rotary angles in every block, attention confined to each image (a block-diagonal mask over one
-packed sequence). Parameter names: layers/{ln_1, attn/{q,k,v,out}, ln_2, mlp/{fc1,fc2}}.
+packed sequence). InternViT: layer scale on both branches (x + ls1 * attn(ln_1(x)), x + ls2 * mlp(ln_2(x))),
+LayerNorm or RMSNorm, optional RMS q/k normalisation over all heads, optional q/k/v bias.
+Parameter names: layers/{ln_1, attn/{q,k,v,out[,q_norm,k_norm]}, ln_2, mlp/{fc1,fc2}[, ls1, ls2]}.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import flax.linen as nn
 import jax
 
 from qwenvl_jax.nn.attention import MultiHeadAttention
-from qwenvl_jax.nn.layers import MLP, LayerNorm, apply_layers, as_dtype
+from qwenvl_jax.nn.layers import MLP, LayerNorm, RMSNorm, apply_layers, as_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +30,10 @@ class ViTSpec:
   param_dtype: str = "float32"
   scan: bool = True
   remat: str = "none"
+  norm: str = "layer_norm"   # layer_norm | rms_norm
+  layer_scale: float = 0.0   # > 0: learned per-channel scales ls1 / ls2 on the two branches, initialised to this
+  qk_norm: bool = False      # RMSNorm of q and k over all heads before attention
+  qkv_bias: bool = True
 
   @property
   def head_dim(self) -> int:
@@ -45,14 +51,23 @@ class ViTBlock(nn.Module):
   @nn.compact
   def __call__(self, x, mask=None, rope=None, _layer_in=None):
     c = self.spec
-    h = LayerNorm(c.eps, "vit_embed", name="ln_1", **c.kw)(x)
-    h = MultiHeadAttention(c.heads, c.head_dim, c.width, "vit_embed", "vit_heads", "vit_embed", name="attn",
-                           **c.kw)(h, h, h, mask=mask, rope=rope)
-    x = x + h
-    h = LayerNorm(c.eps, "vit_embed", name="ln_2", **c.kw)(x)
-    x = x + MLP(c.mlp_dim, c.width, c.activation, name="mlp", **c.kw)(h)
+    norm = {"layer_norm": LayerNorm, "rms_norm": RMSNorm}[c.norm]
+    h = norm(c.eps, "vit_embed", name="ln_1", **c.kw)(x)
+    h = MultiHeadAttention(c.heads, c.head_dim, c.width, "vit_embed", "vit_heads", "vit_embed", qk_norm=c.qk_norm,
+                           qkv_bias=c.qkv_bias, name="attn", **c.kw)(h, h, h, mask=mask, rope=rope)
+    x = x + self._scaled("ls1", h)
+    h = norm(c.eps, "vit_embed", name="ln_2", **c.kw)(x)
+    x = x + self._scaled("ls2", MLP(c.mlp_dim, c.width, c.activation, name="mlp", **c.kw)(h))
     x = nn.with_logical_constraint(x, ("batch", "length", "vit_embed"))
     return x, None
+
+  def _scaled(self, name: str, h: jax.Array) -> jax.Array:
+    if not self.spec.layer_scale:
+      return h
+    init = nn.initializers.constant(self.spec.layer_scale)
+    scale = self.param(name, nn.with_logical_partitioning(init, ("vit_embed",)),
+                       (self.spec.width,), self.spec.kw["param_dtype"])
+    return h * scale.astype(h.dtype)
 
 
 def patchify(pixels: jax.Array, patch: int) -> jax.Array:
