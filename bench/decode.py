@@ -1,8 +1,9 @@
 """Batch-1 decoding speed against transformers, side by side in one run: Qwen-VL's decoder against
-`Qwen2ForCausalLM` of the same dimensions, and Qwen2-VL (an image in the prompt) against
-`Qwen2VLForConditionalGeneration` with the same weights.
+`Qwen2ForCausalLM` of the same dimensions, Qwen2-VL (an image in the prompt) against
+`Qwen2VLForConditionalGeneration` and InternVL (an image tile in the prompt) against
+`InternVLForConditionalGeneration`, each with the same weights.
 
-    python bench/decode.py [--rows all|qwen_vl|qwen2_vl] [--prompt 64 --new 128 --layers 4 --hidden 256 --heads 4
+    python bench/decode.py [--rows all|qwen_vl|qwen2_vl|internvl] [--prompt 64 --new 128 --layers 4 --hidden 256 --heads 4
                             --kv-heads 2 --mlp 512 --vocab 1024 --image 112 --repeats 9 --threads N]
 
 Everything is random, float32, on this machine's CPU; torch (and OpenMP) use --threads threads (default: all cores),
@@ -18,6 +19,10 @@ Qwen2-VL rows: a random transformers `Qwen2VLForConditionalGeneration` saved as 
 image, so the vision tower and M-RoPE positions are part of the prefill. transformers gets the same pixels, grid and
 `mm_token_type_ids` (its M-RoPE needs them). Whether the greedy tokens agree is printed (random weights give flat
 logits, so near-ties can split the two late; the agreement length is printed then).
+
+InternVL rows: likewise a random transformers `InternVLForConditionalGeneration` (Qwen2 decoder of the dimensions
+given, a 2-block InternViT of width 64 on one --image x --image tile) saved and loaded by ours; the prompt is text,
+`<img>`, the tile's `<IMG_CONTEXT>` tokens, `</img>`, text.
 
 Reported per row: time to first token (a generate call of one new token: vision + prefill + one token), decode
 tokens/s after the first token ((new - 1) / (median full call - median first-token call)), and the ratios.
@@ -172,9 +177,50 @@ def qwen2_vl_rows(args) -> tuple[dict, int, int]:
   return race(contenders, args.repeats), n_img, agree
 
 
+def internvl_rows(args) -> tuple[dict, int, int]:
+  """InternVL with one image tile in the prompt: ours vs transformers' InternVLForConditionalGeneration, same
+  weights. -> (rows, image tokens, greedy tokens that agree from the start)."""
+  import torch
+  from transformers import InternVLConfig, InternVLForConditionalGeneration
+  from transformers.utils import logging as hf_logging
+
+  import qwenvl_jax as qv
+  img_start, img_end, img_context = VISION_START, VISION_END, IMAGE_PAD
+  text = {"model_type": "qwen2", "vocab_size": args.vocab, "hidden_size": args.hidden, "intermediate_size": args.mlp,
+          "num_hidden_layers": args.layers, "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads,
+          "rms_norm_eps": 1e-6, "max_position_embeddings": 4096,
+          "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
+  vision = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+            "image_size": [args.image, args.image], "patch_size": [14, 14]}
+  torch.manual_seed(0)
+  ref = InternVLForConditionalGeneration(InternVLConfig(text_config=text, vision_config=vision,
+                                                        image_token_id=img_context)).float().eval()
+  hf_logging.disable_progress_bar()
+  with tempfile.TemporaryDirectory() as tmp:
+    ref.save_pretrained(tmp, safe_serialization=True)
+    ours = qv.load(tmp, dtype="float32", scan_layers=False)
+  n_img = ours.config.tokens_per_tile
+  n_text = args.prompt - n_img - 2
+  if n_text < 2:
+    raise SystemExit(f"--prompt {args.prompt} leaves no room for text around the tile's {n_img} tokens")
+  rng = np.random.default_rng(1)
+  pixels = rng.normal(size=(1, 3, args.image, args.image)).astype(np.float32)
+  words = rng.integers(0, img_start, size=n_text)
+  ids = np.concatenate([words[:n_text // 2], [img_start], np.full(n_img, img_context), [img_end],
+                        words[n_text // 2:]]).astype(np.int64)[None]
+  contenders = {"qwenvl_jax InternVL": ours_calls(ours, args.new, input_ids=ids, pixel_values=pixels),
+                "transformers InternVLForCondGen": transformers_calls(
+                    ref, args.new, input_ids=torch.from_numpy(ids), attention_mask=torch.ones_like(
+                        torch.from_numpy(ids)), pixel_values=torch.from_numpy(pixels))}
+  a = np.asarray(contenders["qwenvl_jax InternVL"][1]())[0, ids.shape[1]:]
+  b = contenders["transformers InternVLForCondGen"][1]().numpy()[0, ids.shape[1]:]
+  differ = np.flatnonzero(a != b)
+  return race(contenders, args.repeats), n_img, int(differ[0]) if differ.size else len(a)
+
+
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--rows", choices=("all", "qwen_vl", "qwen2_vl"), default="all")
+  ap.add_argument("--rows", choices=("all", "qwen_vl", "qwen2_vl", "internvl"), default="all")
   ap.add_argument("--prompt", type=int, default=64, help="prompt tokens (Qwen2-VL: the image's tokens included)")
   ap.add_argument("--new", type=int, default=128)
   ap.add_argument("--layers", type=int, default=4)
@@ -183,7 +229,8 @@ def main():
   ap.add_argument("--kv-heads", type=int, default=2, help="Qwen2-VL key/value heads (Qwen-VL's are --heads)")
   ap.add_argument("--mlp", type=int, default=512)
   ap.add_argument("--vocab", type=int, default=1024)
-  ap.add_argument("--image", type=int, default=112, help="side of the Qwen2-VL rows' square image, pixels")
+  ap.add_argument("--image", type=int, default=112, help="side of the Qwen2-VL rows' square image and of the "
+                  "InternVL rows' tile, pixels")
   ap.add_argument("--repeats", type=int, default=9)
   ap.add_argument("--threads", type=int, default=os.cpu_count())
   args = ap.parse_args()
@@ -214,6 +261,12 @@ def main():
           f"tokens; same weights): greedy tokens "
           + ("all agree" if agree == args.new else f"agree for the first {agree} of {args.new}"))
     report(rows, "qwenvl_jax Qwen2-VL", "transformers Qwen2VLForCondGen")
+  if args.rows in ("all", "internvl"):
+    rows, n_img, agree = internvl_rows(args)
+    print(f"InternVL ({args.kv_heads} key/value heads; one {args.image}x{args.image} tile = {n_img} of the prompt's "
+          f"tokens; same weights): greedy tokens "
+          + ("all agree" if agree == args.new else f"agree for the first {agree} of {args.new}"))
+    report(rows, "qwenvl_jax InternVL", "transformers InternVLForCondGen")
 
 
 if __name__ == "__main__":
