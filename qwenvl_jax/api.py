@@ -172,17 +172,18 @@ class VLModel:
 
   def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens: int = 64,
                do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               stop_ids=None, seed: int = 0, **vision) -> np.ndarray:
+               stop_ids=None, seed: int = 0, vocab_limit: int | None = None, **vision) -> np.ndarray:
     """Continue prompts with the KV cache -> [B, S + n] ids (the prompts as given, then the new tokens).
 
     Greedy unless do_sample (temperature, top_k, top_p); stops when every row produced one of `stop_ids` (e.g.
     the tokenizer's im_end_id and eod_id) or after max_new_tokens. Rows may be right- or left-padded
-    (attention_mask); vision inputs as in `logits`.
+    (attention_mask); vision inputs as in `logits`. `vocab_limit` (e.g. the tokenizer's vocab_size): ids at or
+    beyond it are never generated (the Qwen-VL embedding has 151,936 rows for 151,860 token ids).
     """
     from qwenvl_jax.infer.generate import generate
     return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                     temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids, seed=seed,
-                    pixel_values=pixel_values, **vision)
+                    vocab_limit=vocab_limit, pixel_values=pixel_values, **vision)
 
   def save(self, path: str, overwrite: bool = False) -> None:
     """Write this project's checkpoint (Orbax params + config + assets)."""

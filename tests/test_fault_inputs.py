@@ -5,6 +5,7 @@ traceback, a hang or a silent loss."""
 import json
 import logging
 
+import numpy as np
 import PIL.Image
 import pytest
 
@@ -142,3 +143,134 @@ def test_a_lone_surrogate_is_a_tokenizer_error_not_a_crash(tokenizers):
     for text in ("\ud800", "ab\udfffcd", "<img>a\udc80.png</img>"):
       with pytest.raises(TokenizerError, match="lone surrogate"):
         tok.encode(text)
+
+
+# --- inference: what a model emits, and what a user passes ---------------------------------------------------------
+
+def test_ids_the_tokenizer_does_not_have_decode_as_nothing(tokenizers):
+  """The real Qwen-VL embedding has 151,936 rows for 151,860 ids (Qwen2-VL 152,064 for 151,665): a model can emit
+  the others. They, negative ids and ids beyond any vocabulary decode as ''."""
+  for name, tok in tokenizers.items():
+    ids = tok.encode("a red square")
+    n = tok.vocab_size
+    strays = [n, n + 1, n + 75, -1, -(2 ** 40), 2 ** 40]
+    for skip in (False, True):
+      assert tok.decode(strays[:3] + ids + strays[3:], skip_special_tokens=skip) == "a red square", name
+      assert tok.decode(strays, skip_special_tokens=skip) == "", name
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tokenizers):
+  """A random 1-layer Qwen-VL demo model whose vocabulary holds the shapes tokenizer's ids, saved for the CLI."""
+  import qwenvl_jax as qv
+  from qwenvl_jax.models.qwen_vl.config import QWEN_VL_DEMO
+  model = qv.QwenVLModel.random(QWEN_VL_DEMO.replace(num_hidden_layers=1, visual=dict(layers=1)), seed=0)
+  path = tmp_path_factory.mktemp("tiny") / "ckpt"
+  model.save(str(path))
+  return model, tokenizers["sentencepiece"], path
+
+
+def test_generation_never_picks_an_id_beyond_the_tokenizer(tiny, monkeypatch):
+  """Every id below 1000 scores 0 and the rows above it random: greedy picks ids >= 1000 unless told the
+  tokenizer's size; the limit is an argument of the compiled function, so another one compiles nothing new."""
+  import jax
+
+  from qwenvl_jax.infer import chat, generate
+  model, tok, _ = tiny
+  kernel = np.asarray(model.params["lm_head"]["kernel"]).copy()
+  kernel[:, :1000] = 0
+  monkeypatch.setattr(model, "params", {**model.params, "lm_head": {"kernel": jax.numpy.asarray(kernel)}})
+  ids = np.asarray([[5, 6, 7, 8]])
+  assert (model.generate(ids, max_new_tokens=4)[0, 4:] >= 1000).all()
+  compiled = generate._generate._cache_size()
+  for limit in (1000, 900):
+    for sample in (False, True):
+      new = model.generate(ids, max_new_tokens=4, vocab_limit=limit, do_sample=sample, seed=1)[0, 4:]
+      assert (new < limit).all(), (limit, sample, new)
+  assert generate._generate._cache_size() == compiled + 1  # only do_sample=True is new
+  seen = {}
+  monkeypatch.setattr(model, "generate", lambda *a, **kw: seen.update(kw) or np.zeros((1, 5), np.int64))
+  chat.chat(model, tok, "hi", max_new_tokens=1)
+  assert seen["vocab_limit"] == tok.vocab_size
+
+
+BOX_OUTPUTS = [  # what a model may write -> (parse_grounding on 1000 x 500, grounding metric vs the reference)
+    ("<ref>a</ref><box>(100,200),(300,400)</box>", [("a", (100.0, 100.0, 300.0, 200.0))], 1.0),
+    ("<box>(300,400),(100,200)</box>", [("", (100.0, 100.0, 300.0, 200.0))], 0.0),  # inverted: drawn, not scored
+    ("<box>(100,200),(300," + "9" * 5000 + ")</box>", [("", (100.0, 100.0, 300.0, 499.5))], 0.0),
+    ("<box>(100,200),(1000,400)</box>", [("", (100.0, 100.0, 999.0, 200.0))], 0.0),
+    ("<|box_start|>(00100,0200),(300,400)<|box_end|>", [("", (100.0, 100.0, 300.0, 200.0))], 1.0),
+    ("<ref>" + "x" * 300 + "</ref><box>(" + "1" * 4301 + ",2),(3,4)</box>", [("x" * 300, (3.0, 1.0, 999.0, 2.0))],
+     0.0),
+    ("<box>(1,2),(3)</box> <box>(a,b),(c,d)</box> <box>(-1,2),(3,4)</box>", [], 0.0),
+]
+
+
+@pytest.mark.parametrize("text, boxes, hit", BOX_OUTPUTS)
+def test_boxes_in_model_output_never_raise_and_bad_ones_score_as_misses(text, boxes, hit, tmp_path):
+  from qwenvl_jax.evals.evaluate import score
+  from qwenvl_jax.infer.grounding import draw_grounding, parse_grounding
+  assert parse_grounding(text, 1000, 500) == boxes
+  PIL.Image.new("RGB", (1000, 500), "white").save(tmp_path / "w.png")
+  draw_grounding(str(tmp_path / "w.png"), text, str(tmp_path / "out.png"))
+  m = score([{"id": 0, "task": "grounding", "prediction": text, "reference": "<box>(100,200),(300,400)</box>"}])
+  assert m["per_task"]["grounding"]["acc@0.5"] == hit
+
+
+def test_a_fifo_or_device_as_an_image_is_refused_at_once(tmp_path):
+  import os
+  import signal
+
+  from qwenvl_jax.data.images import ImageError, load_image
+  def hung(signum, frame):
+    raise TimeoutError("load_image blocked")
+
+  os.mkfifo(tmp_path / "pipe.png")
+  previous = signal.signal(signal.SIGALRM, hung)
+  signal.alarm(20)  # opening the FIFO would block forever: fail the test instead of hanging the suite
+  try:
+    for path, kind in ((tmp_path / "pipe.png", "a FIFO"), ("/dev/zero", "a character device"),
+                       (tmp_path, "a directory")):
+      with pytest.raises(ImageError, match=f"cannot load image {path}: {kind}, not an image file"):
+        load_image(path)
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.slow
+def test_cli_bad_values_bad_images_bad_text_and_ctrl_c(tiny, tmp_path):
+  """Usage errors for bad option values; one `error:` line for a FIFO image or a prompt that is not UTF-8 (before
+  the model loads); in interactive mode both are one line and the session goes on; Ctrl-C exits 130 quietly."""
+  import os
+  import select
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  _, tok, ckpt = tiny
+  os.mkfifo(tmp_path / "pipe.png")
+  base = [sys.executable, "-m", "qwenvl_jax.infer", "--checkpoint", str(ckpt), "--tokenizer", tok.model_file]
+  for extra, message in ((["--temperature", "-1"], "--temperature -1.0: must be >= 0"),
+                         (["--top_p", "0"], "need top_k >= 0, 0 < top_p <= 1"),
+                         (["--image", str(tmp_path / "pipe.png"), "--prompt", "x"], "a FIFO, not an image file"),
+                         ([b"--prompt", b"caf\xe9"], "lone surrogate at character 3")):
+    r = subprocess.run(base + extra, capture_output=True, timeout=120)
+    err = r.stderr.decode(errors="replace")
+    assert r.returncode == 2 and "Traceback" not in err and message in err, err
+    assert sum("error:" in ln for ln in err.splitlines()) == 1, err
+
+  p = subprocess.Popen(base, stdin=subprocess.PIPE, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+  p.stdin.write(f"/image {tmp_path / 'pipe.png'}\n".encode() + b"caf\xe9?\n")
+  p.stdin.flush()
+  err, deadline = b"", time.time() + 120
+  while err.count(b"error:") < 2 and time.time() < deadline and p.poll() is None:
+    if select.select([p.stderr], [], [], 1)[0]:
+      err += os.read(p.stderr.fileno(), 65536)
+  assert err.count(b"error:") == 2 and p.poll() is None, err  # both refused, the session goes on
+  p.send_signal(signal.SIGINT)
+  out, rest = p.communicate(timeout=60)
+  err = (err + rest).decode(errors="replace")
+  assert p.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+  assert "a FIFO, not an image file" in err and "lone surrogate" in err

@@ -2,7 +2,9 @@
 `<|object_ref_start|>phrase<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>` (Qwen2-VL); both parse.
 
 Pixel boxes (x1, y1, x2, y2) on a W x H image are normalised with floor(x / W * 1000) clamped to [0, 999];
-the inverse maps a normalised n back to n / 1000 * W pixels (the official Qwen-VL convention).
+the inverse maps a normalised n back to n / 1000 * W pixels (the official Qwen-VL convention). Parsing never raises
+on model output: boxes come back as written (`valid_box` says whether one is in range with ordered corners;
+`clamp_box` makes one so).
 """
 
 from __future__ import annotations
@@ -12,6 +14,31 @@ import re
 _BOX = r"(?:<box>|<\|box_start\|>)\((\d+),(\d+)\),\((\d+),(\d+)\)(?:</box>|<\|box_end\|>)"
 BOX_RE = re.compile(_BOX)
 REF_BOX_RE = re.compile(r"(?:<ref>|<\|object_ref_start\|>)(.*?)(?:</ref>|<\|object_ref_end\|>)\s*" + _BOX)
+
+
+TOO_LONG = 10 ** 6  # a coordinate of more than six digits (int() refuses over 4300) reads as this: out of range
+
+
+def _coord(digits: str) -> int:
+  digits = digits.lstrip("0") or "0"
+  return int(digits) if len(digits) <= 6 else TOO_LONG
+
+
+def read_box(groups) -> tuple[int, int, int, int]:
+  """The four coordinate digit strings of a BOX_RE match -> integers as written (never raises)."""
+  return tuple(_coord(v) for v in groups)
+
+
+def valid_box(box) -> bool:
+  """A normalised box in [0, 1000) with x1 <= x2 and y1 <= y2 (what a model should write)."""
+  x1, y1, x2, y2 = box
+  return all(0 <= v < 1000 for v in box) and x1 <= x2 and y1 <= y2
+
+
+def clamp_box(box) -> tuple[int, int, int, int]:
+  """A normalised box as a model meant it: corners ordered, coordinates clamped to [0, 999]."""
+  x1, y1, x2, y2 = (min(max(int(v), 0), 999) for v in box)
+  return min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)
 
 
 class BoxError(ValueError):
@@ -49,8 +76,8 @@ def ref_box_text(phrase: str, box, width: int, height: int) -> str:
 
 
 def parse_ref_boxes(text: str) -> list[tuple[str, tuple[int, int, int, int]]]:
-  """All `<ref>phrase</ref><box>(..),(..)</box>` pairs of a text, boxes still normalised."""
-  return [(m.group(1), tuple(int(m.group(i)) for i in range(2, 6))) for m in REF_BOX_RE.finditer(text)]
+  """All `<ref>phrase</ref><box>(..),(..)</box>` pairs of a text, boxes still normalised, as written."""
+  return [(m.group(1), read_box(m.groups()[1:])) for m in REF_BOX_RE.finditer(text)]
 
 
 _QWEN2_TAGS = {"<|object_ref_start|>": "<ref>", "<|object_ref_end|>": "</ref>", "<|box_start|>": "<box>",
@@ -64,5 +91,5 @@ def qwen_vl_tags(text: str) -> str:
 
 
 def parse_boxes(text: str) -> list[tuple[int, int, int, int]]:
-  """All `<box>(..),(..)</box>` of a text, normalised."""
-  return [tuple(int(v) for v in m.groups()) for m in BOX_RE.finditer(text)]
+  """All `<box>(..),(..)</box>` of a text, normalised, as written (see `valid_box`)."""
+  return [read_box(m.groups()) for m in BOX_RE.finditer(text)]

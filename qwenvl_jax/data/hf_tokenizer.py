@@ -97,7 +97,10 @@ class HFTokenizer:
     return self._tok.encode(text, add_special_tokens=False).ids if text else []
 
   def decode(self, ids, skip_special_tokens: bool = False) -> str:
-    return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+    """Ids -> text; ids the tokenizer does not have (negative, or beyond its vocabulary but within the model's
+    embedding: Qwen2-VL's has 152,064 rows for 151,665 ids) decode as ''."""
+    return self._tok.decode([i for i in map(int, ids) if 0 <= i < self.vocab_size],
+                            skip_special_tokens=skip_special_tokens)
 
 
 def added_token_ids(vocab_size: int) -> dict[str, int]:

@@ -2,7 +2,8 @@
 
 `preprocess_image` reproduces `Image.open(p).convert('RGB')` -> `resize((s, s), BICUBIC)` -> `/255` ->
 `(x - mean) / std` in float32, bit for bit. `load_image` adds what the official code lacks: every failure
-(missing, corrupt, truncated, empty, oversized) is one `ImageError`, and high-bit-depth modes keep their contrast.
+(missing, corrupt, truncated, empty, oversized, not a regular file) is one `ImageError`, and high-bit-depth modes
+keep their contrast.
 No EXIF transposition is applied, because the official code does not apply one either.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from collections.abc import Sequence
 
@@ -33,6 +35,18 @@ class ImageError(ValueError):
     name = " ".join(str(name).splitlines())
     super().__init__(f"cannot load {kind} {name}: {' '.join(str(problem).split())}")
     self.name = name
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _regular_file(path, name: str) -> None:
+  """A FIFO would block open() until a writer comes and a device like /dev/zero never ends: refuse both at once."""
+  mode = os.stat(path).st_mode
+  if not stat.S_ISREG(mode):
+    kind = next((k for test, k in _KINDS if test(mode)), "not a regular file")
+    raise ImageError(name, f"{kind}, not an image file")
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -86,6 +100,8 @@ def load_image(src: ImageSource, name: str | None = None, max_pixels: int = 64_0
       warnings.simplefilter("error", Image.DecompressionBombWarning)
       if isinstance(src, Image.Image):
         return _checked(src, name, max_pixels)
+      if isinstance(src, (str, os.PathLike)):
+        _regular_file(src, name)
       with Image.open(io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else src) as img:
         return _checked(img, name, max_pixels)
   except ImageError:

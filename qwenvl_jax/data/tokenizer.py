@@ -63,6 +63,10 @@ class Tokenizer:
   def _special_id(self, token: str) -> int:
     raise NotImplementedError
 
+  def _known(self, i: int) -> bool:
+    """Whether id `i` is one of this tokenizer's (a model's embedding may have more rows than ids)."""
+    return 0 <= i < self.vocab_size
+
   def _init_special_ids(self):
     self.special_ids = {t: self._special_id(t) for t in SPECIAL_TOKENS}
     s = self.special_ids
@@ -102,8 +106,9 @@ class Tokenizer:
 
   # --- decoding --------------------------------------------------------------------------------------
   def decode(self, ids, skip_special_tokens: bool = False) -> str:
-    """Ids -> text; image spans fold back to `<img>path</img>`; skip_special_tokens drops every special id."""
-    ids = [int(i) for i in ids]
+    """Ids -> text; image spans fold back to `<img>path</img>`; skip_special_tokens drops every special id. Ids the
+    tokenizer does not have (negative, or beyond its vocabulary but within the model's embedding) decode as ''."""
+    ids = [i for i in map(int, ids) if self._known(i)]
     out: list[str] = []
     chunk: list[int] = []
     i = 0
@@ -148,12 +153,20 @@ class QwenTokenizer(Tokenizer):
     specials = {t: QWEN_SPECIAL_START + i for i, t in enumerate(SPECIAL_TOKENS)}
     self._enc = tiktoken.Encoding("Qwen", pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
     self._specials = specials
+    # the real file's ranks are 0..151642: a range answers `in` at once; another file's may have holes
+    rank_ids = frozenset(ranks.values())
+    self._rank_ids = range(len(ranks)) if len(rank_ids) == len(ranks) == max(rank_ids, default=-1) + 1 else rank_ids
+    self._special_range = range(QWEN_SPECIAL_START, QWEN_SPECIAL_START + len(specials))
     self.image_span = image_span
     self.vocab_size = len(ranks) + len(specials)
     self._init_special_ids()
 
   def _special_id(self, token: str) -> int:
     return self._specials[token]
+
+  def _known(self, i: int) -> bool:
+    # the real embedding has 151,936 rows, the vocabulary 151,860 ids: a model may emit the other 76
+    return i in self._rank_ids or i in self._special_range
 
   def _encode_plain(self, text, allowed_special):
     allowed = allowed_special if allowed_special == "all" else set(allowed_special)

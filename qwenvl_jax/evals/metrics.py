@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+from qwenvl_jax.data.boxes import valid_box
+
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
             "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
@@ -72,8 +74,10 @@ def iou(a, b) -> float:
 
 
 def grounding_hit(predicted_box, reference_box, threshold: float = 0.5) -> float:
-  """1 if the predicted box (None = no box produced) overlaps the reference with IoU >= threshold."""
-  return float(predicted_box is not None and iou(predicted_box, reference_box) >= threshold)
+  """1 if the predicted box (None = no box produced) overlaps the reference with IoU >= threshold. A predicted box
+  outside [0, 1000) or with inverted corners is a miss (`boxes.valid_box`), never reordered into a hit."""
+  return float(predicted_box is not None and valid_box(predicted_box) and
+               iou(predicted_box, reference_box) >= threshold)
 
 
 def _levenshtein(a: str, b: str) -> int:

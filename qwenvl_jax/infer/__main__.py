@@ -7,7 +7,9 @@
     python -m qwenvl_jax.infer --plan --model qwen_vl_7b --devices v5e-1 --dtype int8 --batch 1 --context 2048
 
 DIR is an HF folder (Qwen-VL: qwen.tiktoken; Qwen2-VL: tokenizer.json), this project's checkpoint, or a train.py
-workdir (one stage). Boxes in an answer are drawn on the image and saved as PNG (--boxes_out).
+workdir (one stage). Boxes in an answer are drawn on the image and saved as PNG (--boxes_out). Bad input (a missing
+or unreadable image, a FIFO or device as --image, text that is not valid Unicode) is one `error:` line, exit 2 (in
+interactive mode the session goes on); bad option values are usage errors; Ctrl-C ends quietly with exit 130.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 
 def _answer(model, tok, query, history, images, args):
   from qwenvl_jax.data.boxes import BOX_RE
+  from qwenvl_jax.data.images import load_image
   from qwenvl_jax.infer.chat import chat
   from qwenvl_jax.infer.grounding import draw_grounding, parse_grounding
 
@@ -28,12 +31,10 @@ def _answer(model, tok, query, history, images, args):
   print(response, flush=True)
   last_image = next((i for i in reversed(images or []) if isinstance(i, str)), None)
   if last_image and BOX_RE.search(response):
-    from PIL import Image
-    with Image.open(last_image) as im:
-      size = im.size
-    boxes = parse_grounding(response, *size)
+    image = load_image(last_image)
+    boxes = parse_grounding(response, *image.size)
     out = args.boxes_out or os.path.splitext(os.path.basename(last_image))[0] + "_boxes.png"
-    draw_grounding(last_image, response, out)
+    draw_grounding(image, response, out)
     print(f"[{len(boxes)} box(es) drawn on {out}]", file=sys.stderr)
   return history
 
@@ -68,17 +69,33 @@ def main(argv=None) -> int:
     p.error("--checkpoint is required (or --plan)")
   if args.dtype not in (None, "float32", "bfloat16"):
     p.error(f"--dtype {args.dtype}: float32 or bfloat16")
+  if not args.temperature >= 0:  # NaN too
+    p.error(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+  if args.top_k < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
+    p.error(f"--top_k {args.top_k}, --top_p {args.top_p}, --max_new_tokens {args.max_new_tokens}: need top_k >= 0, "
+            "0 < top_p <= 1 and max_new_tokens >= 1")
   args.dtype = args.dtype or "float32"
+  try:
+    return _chat(args)
+  except KeyboardInterrupt:  # Ctrl-C while loading or answering: no traceback
+    print(file=sys.stderr)
+    return 130
+
+
+def _chat(args) -> int:
   try:
     import qwenvl_jax as qv
     from qwenvl_jax.api import find_tokenizer
     from qwenvl_jax.data.hf_tokenizer import find_tokenizer_json
     from qwenvl_jax.data.images import load_image
+    from qwenvl_jax.data.special_tokens import check_unicode
 
     if not os.path.exists(args.checkpoint):
       raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
     for img in args.image:
       load_image(img)  # fail early, with the image's name, before loading the model
+    if args.prompt is not None:
+      check_unicode(args.prompt)  # bytes that are not UTF-8 in argv arrive as lone surrogates
     tok_path = args.tokenizer or find_tokenizer(args.checkpoint) or find_tokenizer_json(args.checkpoint)
     if tok_path is None:
       raise FileNotFoundError(f"no tokenizer found with {args.checkpoint}; pass --tokenizer")
@@ -95,6 +112,8 @@ def main(argv=None) -> int:
     history, images = None, list(args.image)
     print("Type a question; /image PATH adds an image to the next question, /reset starts over, /quit ends.",
           file=sys.stderr)
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused by the tokenizer, not the loop
+      sys.stdin.reconfigure(errors="surrogateescape")
     for line in sys.stdin:
       line = line.strip()
       if not line:

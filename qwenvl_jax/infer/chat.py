@@ -116,7 +116,8 @@ def prompt_inputs(model, tokenizer, query: str, history=(), system: str = DEFAUL
 
 
 def generate_answers(model, tokenizer, prompts, max_new_tokens: int = 512, **generate_kw) -> list[str]:
-  """Answers to several `prompt_inputs` in one batched `generate` call (rows padded, each row's own images)."""
+  """Answers to several `prompt_inputs` in one batched `generate` call (rows padded, each row's own images); only
+  ids the tokenizer has are generated."""
   vision: dict = {}
   for _, row_vision in prompts:
     for k, v in row_vision.items():
@@ -129,6 +130,7 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens: int = 512, **gen
   for i, (row, _) in enumerate(prompts):
     ids[i, :len(row)], mask[i, :len(row)] = row, 1
   stops = [tokenizer.im_end_id, tokenizer.eod_id]
+  generate_kw.setdefault("vocab_limit", tokenizer.vocab_size)
   out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, stop_ids=stops, **vision,
                        **generate_kw)
   return [decode_answer(tokenizer, row, stops) for row in out[:, s:]]

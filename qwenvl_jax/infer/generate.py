@@ -68,8 +68,8 @@ def cache_sharding(model, batch: int):
 
 
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "do_sample", "top_k", "kv_sharding"))
-def _generate(params, ids, mask, prefill_kw, step_kw, rng, stop_ids, temperature, top_p, *, module, max_new_tokens,
-              do_sample, top_k, kv_sharding=None):
+def _generate(params, ids, mask, prefill_kw, step_kw, rng, stop_ids, temperature, top_p, vocab_limit, *, module,
+              max_new_tokens, do_sample, top_k, kv_sharding=None):
   spec = module.cfg.decoder
   b, p = ids.shape
   cache = KVCache.empty(spec.num_layers, b, p + max_new_tokens, spec.kv_heads, spec.head_dim, jnp.dtype(spec.dtype),
@@ -80,6 +80,8 @@ def _generate(params, ids, mask, prefill_kw, step_kw, rng, stop_ids, temperature
   logits, cache = module.apply({"params": params}, ids, attention_mask=mask, cache=cache, **prefill_kw, **step_kw)
 
   def pick(lg, key):
+    # ids at or beyond vocab_limit (a traced scalar: no recompilation) are rows of the embedding without a token
+    lg = jnp.where(jnp.arange(lg.shape[-1]) < vocab_limit, lg, -jnp.inf)
     if do_sample:
       return sample_logits(lg, key, temperature, top_k, top_p).astype(jnp.int32)
     return jnp.argmax(lg, axis=-1).astype(jnp.int32)
@@ -109,9 +111,10 @@ def _generate(params, ids, mask, prefill_kw, step_kw, rng, stop_ids, temperature
 
 def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 64, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_ids=None, seed: int = 0,
-             **vision) -> np.ndarray:
+             vocab_limit: int | None = None, **vision) -> np.ndarray:
   """Greedy or sampled continuation of a batch of prompts -> [B, S + n] ids (prompt as given, then n new tokens;
-  rows that stopped early are filled with their first stop id). See `VLModel.generate`."""
+  rows that stopped early are filled with their first stop id). `vocab_limit`: only ids below it are generated (the
+  tokenizer's vocabulary size when the embedding has more rows than it has ids). See `VLModel.generate`."""
   c = model.config
   ids = np.asarray(input_ids)
   if ids.ndim == 1:
@@ -125,6 +128,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 64, do
     raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
   if not 0 < top_p <= 1 or top_k < 0:
     raise ValueError(f"top_p must be in (0, 1] and top_k >= 0; got top_p={top_p}, top_k={top_k}")
+  if vocab_limit is not None and not 0 < vocab_limit:
+    raise ValueError(f"vocab_limit must be positive, got {vocab_limit}")
   lengths = mask.sum(axis=1)
   if lengths.min() < 1:
     raise ValueError("every prompt needs at least one token")
@@ -143,7 +148,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 64, do
     padded, padded_mask = jax.device_put((padded, padded_mask), model.batch_sharding(padded.shape[0]))
   with model.on_mesh():
     new, n = _generate(model.params, padded, padded_mask, prefill_kw, step_kw, jax.random.PRNGKey(seed),
-                       jnp.asarray(stop), jnp.float32(temperature), jnp.float32(top_p), module=model.module,
+                       jnp.asarray(stop), jnp.float32(temperature), jnp.float32(top_p),
+                       jnp.int32(min(vocab_limit or c.vocab_size, c.vocab_size)), module=model.module,
                        max_new_tokens=max_new_tokens, do_sample=do_sample, top_k=int(top_k),
                        kv_sharding=cache_sharding(model, padded.shape[0]))
   new = np.asarray(new)[:, :int(n)]

@@ -6,23 +6,26 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw
 
-from qwenvl_jax.data.boxes import BOX_RE, REF_BOX_RE, denormalize_box
+from qwenvl_jax.data.boxes import BOX_RE, REF_BOX_RE, clamp_box, denormalize_box, read_box
 from qwenvl_jax.data.images import load_image
 
 COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
 
 
 def parse_grounding(text: str, width: int, height: int) -> list[tuple[str, tuple[float, float, float, float]]]:
-  """All boxes of a response as (phrase, pixel box on a width x height image); boxes without a phrase get ''."""
+  """All boxes of a response as (phrase, pixel box on a width x height image); boxes without a phrase get ''. Never
+  raises on model output: a box with inverted corners is drawn with its corners ordered and coordinates of 1000 or
+  more are clamped to 999 (`clamp_box`: the box the model meant; the evaluator counts such a box as wrong)."""
   found = []  # (position in the text, phrase, normalised box)
   spans = []
   for m in REF_BOX_RE.finditer(text):
-    found.append((m.start(), m.group(1), tuple(int(m.group(i)) for i in range(2, 6))))
+    found.append((m.start(), m.group(1), read_box(m.groups()[1:])))
     spans.append(m.span())
   for m in BOX_RE.finditer(text):
     if not any(a <= m.start() < b for a, b in spans):
-      found.append((m.start(), "", tuple(int(v) for v in m.groups())))
-  return [(phrase, denormalize_box(box, width, height)) for _, phrase, box in sorted(found)]
+      found.append((m.start(), "", read_box(m.groups())))
+  found.sort(key=lambda f: f[0])
+  return [(phrase, denormalize_box(clamp_box(box), width, height)) for _, phrase, box in found]
 
 
 def draw_grounding(image, text: str, out_path: str | None = None) -> Image.Image:
