@@ -60,7 +60,7 @@ def _source(c, split, image_size):
     return ShapesSource(split, seed=c.seed, image_size=image_size, mix=parse_mix(d.mix))
   if d.source == "jsonl":
     from qwenvl_jax.data.jsonl import JsonlSource
-    return JsonlSource(d.path, image_root=d.image_root or None)
+    return JsonlSource(d.path, image_root=d.image_root or None, confine_images=d.confine_images)
   from qwenvl_jax.data.tfds_sources import ShapesTfdsSource
   return ShapesTfdsSource(d.path, split)
 

@@ -120,6 +120,86 @@ def test_skip_warnings_are_capped_per_file(images, caplog):
   assert messages[-1] == f"{path}: 50 of 51 records skipped (the first 20 warned about)"
 
 
+def _png(size=(8, 8)) -> bytes:
+  import io
+  buf = io.BytesIO()
+  PIL.Image.new("RGB", size, (0, 128, 255)).save(buf, "PNG")
+  return buf.getvalue()
+
+
+def _crafted_png(width: int, height: int) -> bytes:
+  """A PNG whose header claims width x height (PIL will not write such a file)."""
+  import struct
+  import zlib
+
+  def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) +
+          chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+
+
+SECRET = b"SECRETSECRET"
+IMAGE_CORPUS = {  # file name -> content (None: made below), in image_root
+    "good.png": _png(),
+    "junk.png": b"\x00\x01 not an image " * 8,
+    "cut.png": _png((64, 64))[:60],
+    "empty.png": b"",
+    "secret.ppm": b"P1\n" + SECRET * 4,              # PIL's PNM parser would quote these bytes
+    "secret.pgm": b"P5 4 4 " + SECRET + b"\n",
+    "bomb.png": _crafted_png(100_000, 100_000),
+    "zero.png": _crafted_png(0, 0),
+    "pipe.png": None,                                # a FIFO
+    "folder.png": None,                              # a directory
+}
+BAD_IMAGES = ["junk.png", "cut.png", "empty.png", "secret.ppm", "secret.pgm", "bomb.png", "zero.png"]
+
+
+def test_an_image_corpus_of_bad_files_is_skipped_with_exact_counts_and_no_file_bytes_in_messages(tmp_path, caplog,
+                                                                                                 tokenizers):
+  """Each bad image costs only its record: read by JsonlSource (missing, FIFO, directory: at load) and by the
+  pipeline's sample encoder (the rest: at decode), every one counted and named, no message quoting the file. Paths
+  leaving image_root are read by default (as the official code does) and skipped with confine_images=True."""
+  import os
+
+  from qwenvl_jax.data.pipeline import DataConfig, SampleEncoder
+  root = tmp_path / "images"
+  root.mkdir()
+  for name, data in IMAGE_CORPUS.items():
+    if data is not None:
+      (root / name).write_bytes(data)
+  os.mkfifo(root / "pipe.png")
+  (root / "folder.png").mkdir()
+  (tmp_path / "outside.png").write_bytes(_png())
+  (root / "link.png").symlink_to(tmp_path / "outside.png")
+  escaping = ["../outside.png", str(tmp_path / "outside.png"), "link.png"]
+  refs = list(IMAGE_CORPUS) + ["missing.png"] + escaping
+  (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(_record(ref, image=ref)) for ref in refs))
+
+  with caplog.at_level(logging.WARNING, logger="qwenvl_jax.data"):
+    src = JsonlSource(str(tmp_path / "d.jsonl"), image_root=str(root))
+    assert src.errors == 3 and len(src) == len(refs) - 3  # pipe, folder, missing
+    enc = SampleEncoder(tokenizers["sentencepiece"], DataConfig(seq_len=128, image_size=28, max_images=2))
+    kept = [r["id"] for r in src.records if enc(r) is not None]
+  assert kept == ["good.png"] + escaping
+  assert enc.counts == {"ok": 4, "bad_image": len(BAD_IMAGES)}
+  messages = [r.getMessage() for r in caplog.records]
+  for name in BAD_IMAGES:
+    assert sum(f"cannot load image {name}:{name}" in m for m in messages) == 1, name
+  for name, why in (("pipe.png", "is not a regular file"), ("folder.png", "is not a regular file"),
+                    ("missing.png", "not found")):
+    assert sum(f"{root / name} {why}" in m for m in messages) == 1, name
+  assert not any("SECRET" in m or "\\x" in m for m in messages), messages
+  confined = JsonlSource(str(tmp_path / "d.jsonl"), image_root=str(root), confine_images=True)
+  assert confined.errors == 3 + len(escaping) and [r["id"] for r in confined.records] == list(IMAGE_CORPUS)[:8]
+  from qwenvl_jax.train.config import base_config
+  from qwenvl_jax.train.loop import data_source
+  c = base_config()
+  c.data.update(source="jsonl", path=str(tmp_path / "d.jsonl"), image_root=str(root))
+  assert len(data_source(c)) == len(src)
+  c.data.confine_images = True
+  assert len(data_source(c)) == len(confined)
+
+
 # --- tokenizers ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

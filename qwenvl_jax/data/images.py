@@ -2,8 +2,8 @@
 
 `preprocess_image` reproduces `Image.open(p).convert('RGB')` -> `resize((s, s), BICUBIC)` -> `/255` ->
 `(x - mean) / std` in float32, bit for bit. `load_image` adds what the official code lacks: every failure
-(missing, corrupt, truncated, empty, oversized, not a regular file) is one `ImageError`, and high-bit-depth modes
-keep their contrast.
+(missing, corrupt, truncated, empty, oversized, not a regular file) is one `ImageError` whose message never quotes
+the file's bytes, and high-bit-depth modes keep their contrast.
 No EXIF transposition is applied, because the official code does not apply one either.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import warnings
 from collections.abc import Sequence
@@ -37,8 +38,20 @@ class ImageError(ValueError):
     self.name = name
 
 
+_BYTES_REPR = re.compile(r"\bb'(?:[^'\\]|\\.)*'" r'|\bb"(?:[^"\\]|\\.)*"')  # b'...' / b"..." in a message
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _without_bytes(e: Exception) -> str:
+  """An exception's message without file contents: PIL's PNM parser puts raw header bytes in its messages (as a
+  bytes argument, or b'...' inside the text), and a non-image file's bytes may be anything."""
+  if any(isinstance(a, (bytes, bytearray)) for a in e.args):
+    text = " ".join(str(a) for a in e.args if not isinstance(a, (bytes, bytearray)))
+  else:
+    text = str(e)
+  text = _BYTES_REPR.sub("<file bytes>", text)
+  return f"{type(e).__name__}: {text[:200]}" if text.strip() else f"{type(e).__name__}: corrupt or unsupported data"
 
 
 def _regular_file(path, name: str) -> None:
@@ -113,7 +126,7 @@ def load_image(src: ImageSource, name: str | None = None, max_pixels: int = 64_0
   except Image.UnidentifiedImageError:
     raise ImageError(name, "not a recognised image (unknown format, corrupt or empty header)") from None
   except Exception as e:  # noqa: BLE001 -- truncated data, bad chunks, unsupported modes, I/O errors: one type
-    raise ImageError(name, f"{type(e).__name__}: {e}") from None
+    raise ImageError(name, _without_bytes(e)) from None
 
 
 def preprocess_image(src: ImageSource, size: int, name: str | None = None) -> np.ndarray:

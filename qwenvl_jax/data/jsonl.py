@@ -3,7 +3,9 @@
     {"id": "...", "conversations": [{"from": "user", "value": "Picture 1: <img>img/a.jpg</img>\\nWhat is it?"},
                                     {"from": "assistant", "value": "A <ref>cat</ref><box>(12,40),(500,980)</box>."}]}
 
-Image paths inside `<img>...</img>` are resolved against `image_root` (default: the data file's folder).
+Image paths inside `<img>...</img>` are resolved against `image_root` (default: the data file's folder). As in the
+official code, a path may leave that folder (`../x.png`, an absolute path); `confine_images=True` refuses (skips)
+records whose images resolve, symbolic links followed, outside `image_root`: for data from elsewhere.
 Bad records (malformed JSON, a line that is not UTF-8, a lone surrogate, an integer too long for int(), nesting too
 deep, unknown roles, boxes outside [0, 1000), missing image files) are skipped with a warning naming the file and line
 (the first 20 of a file; all are counted in `errors`); `strict=True` raises instead. In a JSON list each record is
@@ -76,7 +78,8 @@ def image_refs(conversations) -> list[str]:
   return [m.group(1) for turn in conversations for m in IMG_REF.finditer(str(turn.get("value", "")))]
 
 
-def _check_record(obj, where: str, image_root: str) -> dict:
+def _check_record(obj, where: str, image_root: str, confine_to: str | None = None) -> dict:
+  """A usable record -> the source's record dict, else DataError; confine_to: the real path images must lie in."""
   if not isinstance(obj, dict) or not isinstance(obj.get("conversations"), list):
     raise DataError(f"{where}: expected an object with a 'conversations' list")
   try:
@@ -93,21 +96,30 @@ def _check_record(obj, where: str, image_root: str) -> dict:
     if re.match(r"^[a-z]+://", ref):
       raise DataError(f"{where}: image {ref!r} is a URL; download it and reference the local file")
     path = ref if os.path.isabs(ref) else os.path.join(image_root, ref)
-    if not os.path.isfile(path):
+    if confine_to is not None and os.path.commonpath([os.path.realpath(path), confine_to]) != confine_to:
+      raise DataError(f"{where}: image {ref[:200]!r} lies outside image_root {confine_to} (confine_images)")
+    if not os.path.exists(path):
       raise DataError(f"{where}: image file {path} not found")
+    if not os.path.isfile(path):
+      raise DataError(f"{where}: image {path} is not a regular file")
     images[ref] = path
   return {"id": str(obj.get("id", where)), "task": str(obj.get("task", "chat")), "images": images,
           "conversations": obj["conversations"], "source": where}
 
 
 class JsonlSource:
-  """Random-access source of records in the project's common format (see `qwenvl_jax.data.shapes`)."""
+  """Random-access source of records in the project's common format (see `qwenvl_jax.data.shapes`).
 
-  def __init__(self, path: str, image_root: str | None = None, strict: bool = False):
+  image_root: the folder image paths are relative to (default: the data file's). confine_images: skip records whose
+  images resolve outside image_root (`../`, absolute paths, symbolic links leading out); off by default, as the
+  official code reads any path. strict: raise on the first bad record instead of skipping it."""
+
+  def __init__(self, path: str, image_root: str | None = None, strict: bool = False, confine_images: bool = False):
     if not os.path.isfile(path):
       raise FileNotFoundError(f"data file {path} does not exist")
     self.path = path
     self.image_root = image_root or os.path.dirname(os.path.abspath(path))
+    confine_to = os.path.realpath(self.image_root) if confine_images else None
     self.records: list[dict] = []
     self.errors = 0
     for where, obj in self._parse():
@@ -117,7 +129,7 @@ class JsonlSource:
         why = _unusable(obj)
         if why is not None:
           raise DataError(f"{where}: {why}")
-        self.records.append(_check_record(obj, where, self.image_root))
+        self.records.append(_check_record(obj, where, self.image_root, confine_to))
       except DataError as e:
         if strict:
           raise

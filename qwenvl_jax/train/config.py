@@ -21,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
       source="shapes",       # shapes | jsonl | tfds_shapes
       path="",               # jsonl: the data file; tfds_shapes: the TFDS data_dir
       image_root="",         # jsonl: folder image paths are relative to (default: the data file's folder)
+      confine_images=False,  # jsonl: skip records whose images resolve outside image_root (../, absolute paths)
       tokenizer="shapes",    # a qwen.tiktoken / folder / .model path, or 'shapes' (train one into the workdir)
       num_records=0,         # shapes: records per epoch (0 = the split size)
       mix="",                # shapes: task weights "caption=2,ocr=1,..." (tasks left out get 0; "" = default mix)

@@ -110,7 +110,7 @@ def data_source(c, split: str = "train"):
     return ShapesSource(split, d.num_records or None, seed=c.seed, image_size=size, mix=parse_mix(d.mix))
   if d.source == "jsonl":
     from qwenvl_jax.data.jsonl import JsonlSource
-    return JsonlSource(d.path, image_root=d.image_root or None, strict=d.strict)
+    return JsonlSource(d.path, image_root=d.image_root or None, strict=d.strict, confine_images=d.confine_images)
   from qwenvl_jax.data.tfds_sources import ShapesTfdsSource
   return ShapesTfdsSource(d.path, split)
 
