@@ -1,27 +1,31 @@
-"""Test helper: a tiny Qwen2-style tokenizer.json (byte-level BPE + the Qwen2-VL special tokens) whose ids fit the
-Qwen2-VL fixture model: regular pieces 0..479, <|vision_start|> 480, <|vision_end|> 481, <|image_pad|> 482,
-<|video_pad|> 483, then the ChatML and grounding tokens from 485 on (484 is the fixture's padding id)."""
+"""Test helper: a tiny Qwen2-style tokenizer.json (byte-level BPE + special tokens) whose ids fit a fixture model.
+Qwen2-VL (`build`): regular pieces 0..479, <|vision_start|> 480, <|vision_end|> 481, <|image_pad|> 482,
+<|video_pad|> 483, then the ChatML and grounding tokens from 485 on (484 is the fixture's padding id). InternVL
+(`build(path, INTERNVL_SPECIALS, 488)`): <img> 488, </img> 489, <IMG_CONTEXT> 490, <|endoftext|> 492,
+<|im_end|> 493 (the fixture's eos), <|im_start|> 494."""
 
 SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|pad_fixture|>",
             "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
             "<|box_start|>", "<|box_end|>"]
+INTERNVL_SPECIALS = ["<img>", "</img>", "<IMG_CONTEXT>", "<|pad_fixture|>", "<|endoftext|>", "<|im_end|>",
+                     "<|im_start|>"]
 TEXTS = ["You are a helpful assistant.", "What is in the picture?", "a red square and a blue circle",
          "the cat sits on the mat", "user", "assistant", "system", "(12,34),(56,78)"] * 20
 
 
-def build(path: str) -> str:
+def build(path: str, specials=tuple(SPECIALS), regular: int = 480) -> str:
   from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=480, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  trainer = trainers.BpeTrainer(vocab_size=regular, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=False)
   tok.train_from_iterator(TEXTS, trainer)
-  filler = [f"<|unused_{i}|>" for i in range(480 - tok.get_vocab_size())]  # the corpus may give fewer merges
+  filler = [f"<|unused_{i}|>" for i in range(regular - tok.get_vocab_size())]  # the corpus may give fewer merges
   tok.add_tokens(filler)
-  tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
-  assert tok.token_to_id("<|vision_start|>") == 480 and tok.token_to_id("<|endoftext|>") == 485
+  tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+  assert tok.token_to_id(specials[0]) == regular
   tok.save(path)
   return path
 

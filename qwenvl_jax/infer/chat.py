@@ -5,6 +5,9 @@ history, greedy or sampled generation until <|im_end|> / <|endoftext|>.
   * Qwen2-VL: the chat template's layout, each image as `<|vision_start|>`, one `<|image_pad|>` per visual token of
     its grid (from the model's processor), `<|vision_end|>`, before the question (videos likewise, with
     `<|video_pad|>`); ids from config.json. User text is encoded as text (special-looking characters included).
+  * InternVL: the same ChatML layout, each image as `<img>`, 256 `<IMG_CONTEXT>` per tile of its dynamic tiling
+    (thumbnail included), `</img>`, then a newline, before the question (the transformers-native chat template's
+    `<IMG_CONTEXT>\n` as its processor expands it); images only.
 
 In the returned history a turn's images are written `Picture N: <img>ref</img>\\n` before its question, for both
 families (Qwen2-VL videos `Video N: <video>ref</video>\\n`), so a later turn can feed them again.
@@ -58,30 +61,25 @@ def _span_prompt(model, tokenizer, query, history, system, known, trusted) -> tu
 
 
 def _placeholder_prompt(model, tokenizer, query, history, system, known, trusted) -> tuple[list[int], dict]:
-  """Qwen2-VL: ChatML with a placeholder block per image / video; patches and grids of every image and of every
-  video of the conversation, each kind in prompt order. User text is text, except that `trusted` text (a data
-  file's) has its grounding tags as the grounding tokens, as in training."""
-  cfg, proc = model.config, model.processor()
-  model.family.inputs.check_tokenizer(cfg, tokenizer)
-  turns, seen = [], {"image": [], "video": []}
+  """Qwen2-VL and InternVL: ChatML with a placeholder block per image / video (the family's `prompt_media`: its
+  prompt parts and arrays); the arrays of every image and video of the conversation, each kind in prompt order. User text is
+  text, except that `trusted` text (a data file's) has its grounding tags as the grounding tokens, as in training
+  (families that define `trusted_text_parts`)."""
+  cfg, proc, inputs = model.config, model.processor(), model.family.inputs
+  inputs.check_tokenizer(cfg, tokenizer)
+  turns, arrays = [], {}
   for q, answer in list(history) + [(query, None)]:
     media, text = split_media_prefix(q)
     parts: list = []
     for kind, ref in media:
-      if kind == "image":
-        patches, grid = proc.preprocess_image(known.get(ref, ref), name=ref)
-      else:
-        patches, grid = proc.preprocess_video(known[ref] if ref in known else ref.split(_FRAME_SEP), name=ref)
-      seen[kind].append((patches, grid))
-      parts.append(model.family.inputs.vision_block(cfg, proc.tokens(grid), video=kind == "video"))
-    turns.append((parts + (model.family.inputs.trusted_text_parts(tokenizer, text) if trusted else [text]), answer))
-  vision = {}
-  for kind, pixels, grids in (("image", "pixel_values", "image_grid_thw"),
-                              ("video", "pixel_values_videos", "video_grid_thw")):
-    if seen[kind]:
-      vision[pixels] = np.concatenate([p for p, _ in seen[kind]])
-      vision[grids] = np.stack([g for _, g in seen[kind]])
-  return chatml_ids(tokenizer, turns, system), vision
+      src = known[ref] if ref in known else (ref.split(_FRAME_SEP) if kind == "video" else ref)
+      media_parts, got = inputs.prompt_media(cfg, proc, kind, src, name=ref)
+      parts += media_parts
+      for k, v in got.items():
+        arrays.setdefault(k, []).append(v)
+    trusted_parts = getattr(inputs, "trusted_text_parts", None)
+    turns.append((parts + (trusted_parts(tokenizer, text) if trusted and trusted_parts else [text]), answer))
+  return chatml_ids(tokenizer, turns, system), {k: np.concatenate(v) for k, v in arrays.items()}
 
 
 def _video_refs(videos, offset: int) -> tuple[list[str], dict]:
@@ -101,7 +99,7 @@ def _video_refs(videos, offset: int) -> tuple[list[str], dict]:
   return refs, objects
 
 
-_BUILDERS = {"qwen_vl": _span_prompt, "qwen2_vl": _placeholder_prompt}
+_BUILDERS = {"qwen_vl": _span_prompt, "qwen2_vl": _placeholder_prompt, "internvl": _placeholder_prompt}
 
 
 def prompt_inputs(model, tokenizer, query: str, history=(), system: str = DEFAULT_SYSTEM, media=None,
@@ -144,8 +142,8 @@ def chat(model, tokenizer, query: str, history=None, images=None, system: str = 
   (Qwen2-VL): a list of videos, each a list of frames (paths or PIL images; sample them first), shown after the
   images as `Video N: <video>ref</video>\\n`. In-memory images and videos are named `image_K` / `video_K` in the
   history; a later turn feeds them again when `image_objects` maps those names to them."""
-  if videos and model.family.name == "qwen_vl":
-    raise ValueError("Qwen-VL takes no video input")
+  if videos and model.family.name != "qwen2_vl":
+    raise ValueError(f"{model.family.name} takes no video input")
   history = list(history or [])
   known = dict(image_objects or {})
   n_before = sum(len(_IMG.findall(q)) for q, _ in history)

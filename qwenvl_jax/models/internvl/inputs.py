@@ -54,6 +54,15 @@ def image_block(cfg: InternVLConfig, num_tiles: int) -> list[int]:
       cfg.image_end_token_id]
 
 
+def prompt_media(cfg: InternVLConfig, processor, kind: str, media, name: str | None = None) -> tuple[list, dict]:
+  """One image of a chat prompt -> (prompt parts: its block's ids and a newline, its tiles {"pixel_values":
+  [n, 3, S, S]})."""
+  if kind != "image":
+    raise ValueError("InternVL takes images only (no video input)")
+  tiles = processor.preprocess(media, name=name)
+  return [image_block(cfg, len(tiles)), "\n"], {"pixel_values": tiles}
+
+
 def check_tokenizer(cfg: InternVLConfig, tokenizer) -> None:
   """The image ids come from the checkpoint; a tokenizer that disagrees belongs to another model."""
   want = {IMG_CONTEXT: cfg.image_token_id, IMG_START: cfg.image_start_token_id, IMG_END: cfg.image_end_token_id}

@@ -131,6 +131,18 @@ def vision_block(cfg: Qwen2VLConfig, n_tokens: int, video: bool = False) -> list
   return [cfg.vision_start_token_id] + [pad] * int(n_tokens) + [cfg.vision_end_token_id]
 
 
+def prompt_media(cfg: Qwen2VLConfig, processor, kind: str, media, name: str | None = None) -> tuple[list, dict]:
+  """One image or video of a chat prompt -> (prompt parts: its placeholder block's ids, its arrays for
+  `generate`)."""
+  if kind == "image":
+    patches, grid = processor.preprocess_image(media, name=name)
+    keys = ("pixel_values", "image_grid_thw")
+  else:
+    patches, grid = processor.preprocess_video(media, name=name)
+    keys = ("pixel_values_videos", "video_grid_thw")
+  return [vision_block(cfg, processor.tokens(grid), video=kind == "video")], dict(zip(keys, (patches, grid[None])))
+
+
 def decode_kwargs(cfg: Qwen2VLConfig, longest_prompt: int) -> dict:
   """Nothing beyond the cache: each row's next position travels in it (`KVCache.next_pos`)."""
   del cfg, longest_prompt
