@@ -16,7 +16,7 @@ def _exit_on_sigterm(signum, frame):
 
 signal.signal(signal.SIGTERM, _exit_on_sigterm)  # before the imports below, which take seconds
 
-from absl import app, flags  # noqa: E402, F401 - app.UsageError
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
@@ -40,7 +40,8 @@ def main(argv):
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every checkpoint step at INFO
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    print(f"error: unexpected arguments: {argv[1:]}", file=sys.stderr)
+    return 2
   from qwenvl_jax.train.checkpointing import CheckpointIncompatible
   from qwenvl_jax.train.loop import NonFiniteLoss, dry_run, run
   try:
@@ -67,6 +68,8 @@ def parse_flags_or_exit(argv):
     rest = flags.FLAGS(argv)
     if _CONFIG.value is None:
       raise flags.IllegalFlagValueError("--config is required")
+    if len(rest) > 1:
+      raise flags.Error(f"unexpected arguments: {rest[1:]} (config values are --config.key=value)")
   except Exception as e:  # noqa: BLE001 - absl and ml_collections raise many types; all mean bad input here
     print(f"error: bad flags or config: {one_line(e)}", file=sys.stderr)
     sys.exit(2)

@@ -1,6 +1,7 @@
 """Faults a long run meets, injected on purpose: data that never yields a sample, SIGTERM at every phase of a run
-(imports, start-up, waiting for data), a NaN before the first checkpoint. Each ends in one clear line and exit 0
-(signals) or 2 (errors), never a hang, and an interrupted run resumes bit-identically."""
+(imports, start-up, waiting for data), a NaN before the first checkpoint, a damaged newest checkpoint, a full disk
+while saving. Each ends in one clear line and exit 0 (signals) or 2 (errors), never a hang, and an interrupted run
+resumes bit-identically. Bad input files and text: test_fault_inputs.py."""
 
 import os
 import re
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from train_runs import (
   REF_OVERRIDES,
   ROOT,
@@ -112,3 +114,46 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(referen
     _truncate_largest_file(wd / "checkpoints" / str(step) / "state")
   r = train(env, f"--config={cfg}", f"--workdir={wd}", *REF_OVERRIDES, timeout=300)
   assert r.returncode == 2 and "reads back" in error_line(r.stderr), describe(r)
+
+
+def _reference_until(reference, step, wd):
+  """A copy of the reference run's workdir as it stood after step `step` (later checkpoints removed; a resumed run
+  drops the later metrics lines itself)."""
+  import shutil
+  shutil.copytree(reference["workdir"], wd)
+  for s in checkpoint_steps(wd):
+    if s > step:
+      shutil.rmtree(wd / "checkpoints" / str(s))
+  return wd
+
+
+def _resumes_identically(reference, env, cfg, wd, start, *extra):
+  r = train(env, f"--config={cfg}", f"--workdir={wd}", *REF_OVERRIDES, *extra)
+  assert r.returncode == 0 and f"resumed from step {start}" in r.stdout, describe(r)
+  assert [m["last_loss"] for m in metrics(wd)] == [reference["losses"][s] for s in range(1, TOTAL + 1)]
+  assert_identical(load_state(wd, TOTAL), load_state(reference["workdir"], TOTAL))
+
+
+def _file_size_limit(limit):
+  def apply():
+    import resource
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write beyond the limit fails with EFBIG instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+  return apply
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_saving_is_one_error_line_and_keeps_the_last_checkpoint(reference, env, tmp_path):
+  """Files limited to 8 MB (the step's state file is larger): saving step 8 fails. One `error:` line naming the
+  step and the newest complete one, exit 2, no traceback (none from Orbax's threads, no 'Event loop is closed'
+  from TensorStore's writes finishing late); step 4 intact, and the next run resumes from it bit-identically."""
+  wd, cfg = _reference_until(reference, 4, tmp_path / "run"), write_config(tmp_path)
+  r = subprocess.run([sys.executable, "train.py", f"--config={cfg}", f"--workdir={wd}", *REF_OVERRIDES], cwd=ROOT,
+                     env=env, capture_output=True, text=True, timeout=600, preexec_fn=_file_size_limit(8 << 20))
+  assert r.returncode == 2 and "Traceback" not in r.stderr and "Event loop is closed" not in r.stderr, describe(r)
+  errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+  assert len(errors) == 1 and r.stderr.rstrip().endswith(errors[0]), describe(r)
+  assert f"checkpoint {wd}/checkpoints/8 was not saved" in errors[0] and "File too large" in errors[0], errors[0]
+  assert "the newest complete checkpoint is step 4" in errors[0]
+  assert checkpoint_steps(wd) == [4]
+  _resumes_identically(reference, env, cfg, wd, 4)

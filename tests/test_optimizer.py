@@ -233,3 +233,18 @@ def test_weight_decay_mask(scanned_params, layer_decay):
     expected = old[k].astype(np.float64) * (1 - lr_t * wd * mult)
     np.testing.assert_allclose(new[k], expected, rtol=2e-7, err_msg=k)
     assert np.all(np.abs(new[k]) < np.abs(old[k])), k
+
+
+def test_clip_norm_0_turns_clipping_off_and_keeps_the_state_layout(scanned_params):
+  """optax's clip_by_global_norm(0) would scale every update to 0 (a run that silently learns nothing): 0 means no
+  clipping, with the same optimizer state layout as clipping (a run may resume with either); negative is refused."""
+  def tx(clip):
+    return make_optimizer(lr=1e-3, min_lr=1e-3, warmup_steps=0, total_steps=10, groups=GROUPS, clip_norm=clip)[0]
+  grads = random_tree(scanned_params, seed=3)
+  off, unclipped = flat(one_update(tx(0.0), scanned_params, grads)), flat(one_update(tx(1e9), scanned_params, grads))
+  assert all(np.abs(u).max() > 0 for u in off.values())
+  for path in off:
+    np.testing.assert_array_equal(off[path], unclipped[path], err_msg=path)
+  assert jax.tree.structure(tx(0.0).init(scanned_params)) == jax.tree.structure(tx(1.0).init(scanned_params))
+  with pytest.raises(ValueError, match="clip_norm -1.0: >= 0"):
+    tx(-1.0)

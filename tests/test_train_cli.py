@@ -30,8 +30,16 @@ from train_runs import (
     (["--config.model.name=qwen_vl_8b"], "model.name 'qwen_vl_8b'"),
     (["--config=/nonexistent/config.py"], "/nonexistent/config.py"),
     (["--config=configs/stage1_pretrain.py", "--dry_run", "--config.mesh.fsdp=-1"], "explicit mesh sizes"),
-], ids=["unknown-key", "bad-value", "bad-type", "lr-overflow", "bad-model", "no-config", "dry-run-mesh"])
+    (["--config.data.max_images=0"], "data.max_images 0: must be at least 1"),
+    (['--config.optim.freeze=("[",)'], "optim.freeze[0] '[' is not a regular expression"),
+    (["stray"], "unexpected arguments: ['stray']"),
+    (["--config={tmp}/dict_config.py"], "get_config() returned a dict, not an ml_collections.ConfigDict"),
+    (["--config.optim.clip_norm=-1"], "optim.clip_norm -1.0: >= 0 (0 turns clipping off)"),
+], ids=["unknown-key", "bad-value", "bad-type", "lr-overflow", "bad-model", "no-config", "dry-run-mesh",
+        "no-images", "bad-regex", "stray-argument", "not-a-config", "negative-clip-norm"])
 def test_bad_config_is_one_error_line(env, tmp_path, args, expect):
+  (tmp_path / "dict_config.py").write_text("def get_config():\n  return {'model': {'name': 'qwen_vl_demo'}}\n")
+  args = [a.replace("{tmp}", str(tmp_path)) for a in args]
   config = [] if any(a.startswith("--config=") for a in args) else [f"--config={write_config(tmp_path)}"]
   r = train(env, *config, f"--workdir={tmp_path / 'run'}", *args, timeout=120)
   assert r.returncode == 2, describe(r)

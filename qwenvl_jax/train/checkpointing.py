@@ -4,8 +4,10 @@ of a workdir (to start the next stage, or `qv.load`) is `qwenvl_jax.convert.chec
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -17,6 +19,65 @@ log = logging.getLogger("qwenvl_jax.train")
 DAMAGED_SUFFIX = ".damaged"  # a damaged step folder is renamed <step>.damaged (kept for a look, never read again)
 
 
+# What a failed save (a full disk) or read (a damaged checkpoint) leaves behind besides its error, which is raised in
+# the main thread and reported as one line: Orbax runs the array writes / reads as asyncio tasks on an event loop of
+# its own and stops at the first failure. The others then fail or finish on their own: TensorStore reports each
+# completion on the closed loop as an unraisable `RuntimeError: Event loop is closed`, coroutines left unfinished
+# raise while being collected ("Exception ignored in: <coroutine ...>"), asyncio logs each failed task nobody awaited
+# ("Task exception was never retrieved"), and Orbax logs the failure from each of its threads with a traceback.
+_ORBAX = f"{os.sep}orbax{os.sep}"
+
+
+def _in_orbax(tb) -> bool:
+  while tb is not None:
+    if _ORBAX in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+def _orbax_leftover(unraisable) -> bool:
+  if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+    return unraisable.object is None
+  code = getattr(unraisable.object, "cr_code", None)  # a coroutine being collected
+  return (unraisable.object is None or code is not None and _ORBAX in code.co_filename) and \
+      _in_orbax(unraisable.exc_traceback)
+
+
+class _OrbaxNoise(logging.Filter):
+  """On the asyncio logger: drops the never-awaited failures of Orbax's tasks (and of their gathering); on absl's:
+  keeps Orbax's lines, not their tracebacks."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.name == "asyncio":
+      unretrieved = "exception was never retrieved" in str(record.msg).split("\n", 1)[0]
+      return not (unretrieved and (_ORBAX in record.getMessage() or
+                                   _in_orbax(record.exc_info[2] if record.exc_info else None)))
+    if record.exc_info and _ORBAX in record.pathname:
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+_NOISE = _OrbaxNoise()
+
+
+def _quiet_orbax_failures() -> None:
+  """Installed by every TrainCheckpointer, once (a test runner may swap the unraisable hook in between): Orbax's
+  leftovers of a failed save or read are dropped, every other unraisable exception is reported as before."""
+  for name in ("asyncio", "absl"):
+    if _NOISE not in logging.getLogger(name).filters:
+      logging.getLogger(name).addFilter(_NOISE)
+  if getattr(sys.unraisablehook, "_qwenvl_quiet", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _orbax_leftover(unraisable):
+      previous(unraisable)
+  hook._qwenvl_quiet = True
+  sys.unraisablehook = hook
+
+
 class CheckpointIncompatible(ValueError):
   """A checkpoint that does not fit the current model / optimizer configuration."""
 
@@ -25,8 +86,14 @@ class NoIntactCheckpoint(ValueError):
   """Checkpoints exist but none of them can be read."""
 
 
+class CheckpointSaveFailed(OSError):
+  """A checkpoint could not be written (a full disk, a file size limit, an I/O error); earlier ones are intact."""
+
+
 class TrainCheckpointer:
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    _quiet_orbax_failures()
+    self._in_flight: int | None = None  # the step of an async save not yet waited for
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
@@ -36,7 +103,31 @@ class TrainCheckpointer:
 
   def save(self, step: int, state: TrainState, data_state: dict | None, force: bool = False) -> bool:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}))
-    return self.manager.save(step, args=args, force=force)
+    self.wait()  # Orbax waits for the save before anyway; here its failure is reported as that step's
+    self._in_flight = step
+    with self._failures():
+      saved = self.manager.save(step, args=args, force=force)
+    self._in_flight = step if saved else None
+    return saved
+
+  @contextlib.contextmanager
+  def _failures(self):
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise ValueError, OSError, ... for a failed write
+      step = self._in_flight
+      self._in_flight = None
+      complete = [s for s in self._complete_steps() if step is None or s < step]
+      why = " ".join(str(e).split())
+      why = why if len(why) <= 400 else f"{why[:150]} ... {why[-200:]}"  # TensorStore's cause comes last
+      raise CheckpointSaveFailed(
+          f"checkpoint {self.directory}/{step if step is not None else '?'} was not saved ({why}); the newest "
+          f"complete checkpoint is {f'step {complete[-1]}' if complete else 'none'}") from None
+
+  def _complete_steps(self) -> list[int]:
+    """Steps whose folders Orbax has finished (an unfinished save is a `<step>.orbax-checkpoint-tmp*` folder)."""
+    names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
+    return sorted(int(n) for n in names if n.isdigit())
 
   def restore(self, step: int, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, dict]:
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
@@ -93,7 +184,17 @@ class TrainCheckpointer:
     self.manager.reload()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._failures():
+      self.manager.wait_until_finished()
+    self._in_flight = None
 
   def close(self) -> None:
-    self.manager.close()
+    """Wait for a save in flight (its failure raises CheckpointSaveFailed) and release Orbax's threads, in that
+    order even when the wait fails, so that nothing of a failed save runs on at exit."""
+    try:
+      self.wait()
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # noqa: BLE001 - the failed save again; the wait above reported it
+        pass

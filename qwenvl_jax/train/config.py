@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 import numpy as np
 
@@ -32,7 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
       patch_budget=0, min_pixels=0, max_pixels=0, image_sides=""))
   c.optim = ml_collections.ConfigDict(dict(
       lr=5e-5, min_lr=1e-5, warmup_steps=400, total_steps=10_000, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.05,
-      clip_norm=1.0, layer_decay=0.95, freeze=STAGE_FREEZE["stage2"], z_loss=0.0, grad_accum=1, loss_chunk=512,
+      clip_norm=1.0,  # global gradient-norm clipping; 0 turns clipping off (as Hugging Face's max_grad_norm=0)
+      layer_decay=0.95, freeze=STAGE_FREEZE["stage2"], z_loss=0.0, grad_accum=1, loss_chunk=512,
       vision_lr_scale=1.0))  # LR multiplier of the ViT and the adapter
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
@@ -88,11 +91,35 @@ def parse_mix(text: str) -> dict[str, float] | None:
   return mix
 
 
+def check_structure(c) -> None:
+  """A config file's get_config() must give a ConfigDict with base_config()'s fields: ValueError naming what is
+  missing (a plain dict, or a hand-built ConfigDict, would fail later at the first field it lacks)."""
+  if not isinstance(c, ml_collections.ConfigDict):
+    getattr(c, "seed", None)  # ml_collections' stand-in for a config file that did not load raises its error here
+    raise ValueError(f"bad config: get_config() returned a {type(c).__name__}, not an ml_collections.ConfigDict "
+                     "(start from qwenvl_jax.train.config.base_config())")
+
+  def missing(have, want, where):
+    for k, v in want.items():
+      if k not in have:
+        yield where + k
+      elif isinstance(v, ml_collections.ConfigDict) and k != "stage_overrides":
+        if not isinstance(have[k], ml_collections.ConfigDict):
+          yield where + k
+        else:
+          yield from missing(have[k], v, f"{where}{k}.")
+  lacking = list(missing(c, base_config(), ""))
+  if lacking:
+    raise ValueError(f"bad config: {len(lacking)} fields of base_config() missing, e.g. {', '.join(lacking[:3])} "
+                     "(start from qwenvl_jax.train.config.base_config())")
+
+
 def validate(c: ml_collections.ConfigDict, dry_run: bool = False) -> None:
   """Raise ValueError with one line naming the first bad value (dry_run: paths are not needed)."""
   def need(cond, msg):
     if not cond:
       raise ValueError(f"bad config value: {msg}")
+  check_structure(c)
   named = registry.named_configs()
   need(c.model.name in named, f"model.name {c.model.name!r} not in {sorted(named)}")
   need(c.init.source in ("random", "hf", "checkpoint"), f"init.source {c.init.source!r}: random | hf | checkpoint")
@@ -114,12 +141,25 @@ def validate(c: ml_collections.ConfigDict, dry_run: bool = False) -> None:
       lo, hi = (int(x) for x in c.data.image_sides.split(","))
     except ValueError:
       need(False, f"data.image_sides {c.data.image_sides!r}: expected 'low,high' pixels")
+  for key in ("data.max_images", "data.image_size", "data.packing_window", "optim.grad_accum", "optim.loss_chunk",
+              "log.every"):
+    section, name = key.split(".")
+    need(c[section][name] >= 1, f"{key} {c[section][name]}: must be at least 1")
   need(c.data.batch_size % c.optim.grad_accum == 0, "data.batch_size must be a multiple of optim.grad_accum")
   need(c.optim.total_steps > 0 and 0 <= c.optim.warmup_steps, "optim.total_steps > 0, optim.warmup_steps >= 0")
   need(c.optim.lr > 0 and 0 <= c.optim.min_lr <= c.optim.lr, "optim.lr > 0 and 0 <= optim.min_lr <= optim.lr")
   # The schedule runs in float32: a larger lr is inf there, and 0 * inf makes the first update NaN.
   need(c.optim.lr <= float(np.finfo(np.float32).max), f"optim.lr {c.optim.lr} overflows float32")
   need(0 < c.optim.layer_decay <= 1, "optim.layer_decay in (0, 1]")
+  need(c.optim.clip_norm >= 0, f"optim.clip_norm {c.optim.clip_norm}: >= 0 (0 turns clipping off)")
+  need(0 <= c.optim.b1 < 1 and 0 <= c.optim.b2 < 1, "optim.b1 and optim.b2 in [0, 1)")
+  need(c.optim.eps > 0 and c.optim.weight_decay >= 0 and c.optim.z_loss >= 0,
+       "optim.eps > 0, optim.weight_decay >= 0, optim.z_loss >= 0")
+  for k, pattern in enumerate(c.optim.freeze):
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      need(False, f"optim.freeze[{k}] {pattern!r} is not a regular expression ({e})")
   need(c.optim.vision_lr_scale > 0, "optim.vision_lr_scale must be positive")
   need(c.nonfinite in ("stop", "skip"), f"nonfinite {c.nonfinite!r}: stop | skip")
   need(c.checkpoint.every > 0 and c.checkpoint.keep > 0, "checkpoint.every and checkpoint.keep must be positive")

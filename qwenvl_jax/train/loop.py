@@ -317,12 +317,13 @@ def _run_stage(c, workdir: str, shared_dir: str | None, guard: SigtermGuard) -> 
           break
   finally:
     trace.stop()
-    ckpt.wait()
-    ckpt.close()
-    if bar is not None:
-      bar.close()
-    if writer is not None:
-      writer.close()
+    try:
+      ckpt.close()  # waits for a save in flight: its failure (a full disk) ends the run here, as one error
+    finally:
+      if bar is not None:
+        bar.close()
+      if writer is not None:
+        writer.close()
   last.update(step=step, stopped_by_signal=guard.requested)
   return last
 
@@ -422,7 +423,8 @@ def _log_window(w, m, step, total, peak, tasks, writer, bar) -> dict:
 
 def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
   """Run a config: one stage, or the chained `stages` each in workdir/<stage> from the previous one."""
-  from qwenvl_jax.train.config import resolve_stage, validate
+  from qwenvl_jax.train.config import check_structure, resolve_stage, validate
+  check_structure(c)
   d = c.distributed
   if d.initialize and d.coordinator_address:
     jax.distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)

@@ -79,10 +79,14 @@ def make_optimizer(*, lr: float, min_lr: float, warmup_steps: int, total_steps: 
                    clip_norm: float = 1.0, layer_decay: float = 1.0, vision_lr_scale: float = 1.0,
                    freeze: Sequence[str] = ()):
   """-> (optax transformation, schedule). groups: the family's parameter groups (`family.param_groups(cfg)`);
-  vision_lr_scale multiplies the LR of the ViT and the adapter."""
+  vision_lr_scale multiplies the LR of the ViT and the adapter; clip_norm 0 turns clipping off (optax would scale
+  every update to 0)."""
+  if not clip_norm >= 0:
+    raise ValueError(f"clip_norm {clip_norm}: >= 0 (0 turns clipping off)")
   sched = schedule(lr, min_lr, warmup_steps, total_steps)
   train = optax.chain(
-      optax.clip_by_global_norm(clip_norm),
+      # identity keeps the chain's (empty) state layout, so a run may resume with clipping turned on or off
+      optax.clip_by_global_norm(clip_norm) if clip_norm > 0 else optax.identity(),
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
       optax.add_decayed_weights(weight_decay, mask=lambda p: decay_mask(p, groups.no_decay)),
       scale_by_layer_decay(groups, layer_decay, vision_lr_scale),
