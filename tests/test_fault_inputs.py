@@ -354,3 +354,91 @@ def test_cli_bad_values_bad_images_bad_text_and_ctrl_c(tiny, tmp_path):
   err = (err + rest).decode(errors="replace")
   assert p.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
   assert "a FIFO, not an image file" in err and "lone surrogate" in err
+
+
+# --- seeded fuzz: tokenizers and box parsers -----------------------------------------------------------------------
+
+# text pieces a user, a data file or a model may produce: scripts, combining marks, emoji sequences, controls, odd
+# spaces, byte-order and direction marks, private use, and fragments of the special forms
+PIECES = (list("abcxyz ABC019 .,;:!?'\"()[]{}-_=+*/\\@#$%^&~`") +
+          ["\n", "\r\n", "\r", "\t", "   ", "\u00a0", "\u3000", "\x00", "\x07", "\x1b[0m", "\x7f", "\u0085", "\u2028",
+           "é", "e\u0301", "\u0301", "ß", "ﬁ", "Å", "Ω", "中文", "日本語", "한국어", "عربى", "\u200b", "\u200d", "\u202e",
+           "\ufeff", "\ufffd", "😀", "👨‍👩‍👧", "🇫🇷", "\U0010ffff", "\ue000", "a" * 40, "1234567890", "<", ">", "|",
+           "<ref", "box>", "<|im_", "|>", "</", "img", "(12,", "999)"])
+SPECIAL_FORMS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<ref>", "</ref>", "<box>", "</box>", "<img>",
+                 "</img>", "<imgpad>", "<|box_start|>", "<|object_ref_end|>", "<|image_pad|>", "<|extra_3|>"]
+N_FUZZ = 4000  # round-trip strings per tokenizer (three tokenizers: 12,000)
+N_BOXES = 6000  # generated answers with boxes, and as many junk strings
+
+
+def _fuzz_text(rng, pieces=PIECES) -> str:
+  return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
+
+
+def test_fuzzed_text_round_trips_through_every_tokenizer(tokenizers):
+  """Seeded random text without special forms: decode(encode(s)) == s exactly (Qwen's tiktoken normalises to NFC
+  first, as the official one). Text with special forms and tags encodes or is refused with TokenizerError (an
+  unclosed or stray image tag), never anything else; random id lists, in range or not, always decode."""
+  import random
+  import unicodedata
+  rng = random.Random(15)
+  for name, tok in tokenizers.items():
+    nfc = name == "qwen"
+    for _ in range(N_FUZZ):
+      s = _fuzz_text(rng)
+      assert tok.decode(tok.encode(s)) == (unicodedata.normalize("NFC", s) if nfc else s), (name, s)
+    refused = 0
+    for _ in range(N_FUZZ // 4):
+      s = _fuzz_text(rng, PIECES + SPECIAL_FORMS * 4)
+      try:
+        ids = tok.encode(s)
+      except TokenizerError:
+        refused += 1
+        continue
+      assert isinstance(tok.decode(ids), str)
+    assert 0 < refused < N_FUZZ // 4 or name == "tokenizer.json", (name, refused)  # its encode takes tags as text
+    for _ in range(N_FUZZ // 4):
+      ids = [rng.randint(-5, tok.vocab_size + 100) for _ in range(rng.randint(0, 20))]
+      assert isinstance(tok.decode(ids), str) and isinstance(tok.decode(ids, skip_special_tokens=True), str)
+
+
+def test_fuzzed_box_strings_parse_back_exactly_and_junk_never_raises(tmp_path):
+  """Generated answers with boxes in both families' forms between random text give exactly their (phrase, box)
+  back; junk made of box syntax fragments and huge numbers never raises, and every box it yields lies on the
+  image with ordered corners."""
+  import random
+
+  from qwenvl_jax.data.boxes import parse_boxes, parse_ref_boxes, valid_box
+  from qwenvl_jax.infer.grounding import draw_grounding, parse_grounding
+  rng = random.Random(15)
+  forms = (("<ref>", "</ref>", "<box>", "</box>"), ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+                                                     "<|box_end|>"))
+  filler = list("abc xyz.,;!?()0123456789") + ["\n", "é", "😀", " ", "<", ">"]
+  for _ in range(N_BOXES):
+    text, want = "", []
+    for _ in range(rng.randint(0, 4)):
+      r0, r1, b0, b1 = rng.choice(forms)
+      (x1, x2), (y1, y2) = sorted(rng.randint(0, 999) for _ in "xx"), sorted(rng.randint(0, 999) for _ in "yy")
+      box = (x1, y1, x2, y2)
+      phrase = "".join(rng.choice("abc xyz-'") for _ in range(rng.randint(1, 12))) if rng.random() < 0.7 else None
+      pad = lambda v: "0" * rng.randint(0, 2) + str(v)  # noqa: E731 - leading zeros still read as the number
+      written = f"{b0}({pad(box[0])},{pad(box[1])}),({pad(box[2])},{pad(box[3])}){b1}"
+      text += "".join(rng.choice(filler) for _ in range(rng.randint(0, 8))).replace("<", "< ") + " "
+      text += (f"{r0}{phrase}{r1}" + rng.choice(["", " ", "\n"]) if phrase is not None else "") + written
+      want.append((phrase or "", box))
+    assert parse_boxes(text) == [b for _, b in want], text
+    assert parse_ref_boxes(text) == [(p, b) for p, b in want if p], text
+    got = parse_grounding(text, 1000, 1000)
+    assert [(p, tuple(int(round(v)) for v in b)) for p, b in got] == want, text
+  junk = ["<box>", "</box>", "<ref>", "</ref>", "<|box_start|>", "<|box_end|>", "(", ")", ",", "),(", "x", "\n"]
+  PIL.Image.new("RGB", (40, 30), "white").save(tmp_path / "w.png")
+  for k in range(N_BOXES):
+    numbers = [str(rng.choice([0, 1, 999, 1000, 10 ** 6])), "9" * rng.choice([1, 4, 5000]), "0" * 6, "-1"]
+    text = "".join(rng.choice(junk + numbers) for _ in range(rng.randint(0, 30)))
+    for box in parse_boxes(text):
+      assert len(box) == 4 and all(isinstance(v, int) for v in box)
+    for phrase, (x1, y1, x2, y2) in parse_grounding(text, 40, 30):
+      assert 0 <= x1 <= x2 < 40 and 0 <= y1 <= y2 < 30
+    if k % 50 == 0:
+      draw_grounding(str(tmp_path / "w.png"), text)
+  assert not valid_box((5, 5, 4, 6)) and not valid_box((0, 0, 1000, 1)) and valid_box((0, 0, 999, 999))

@@ -1,7 +1,8 @@
 """Faults a long run meets, injected on purpose: data that never yields a sample, SIGTERM at every phase of a run
-(imports, start-up, waiting for data), a NaN before the first checkpoint, a damaged newest checkpoint, a full disk
-while saving. Each ends in one clear line and exit 0 (signals) or 2 (errors), never a hang, and an interrupted run
-resumes bit-identically. Bad input files and text: test_fault_inputs.py."""
+(imports, start-up, waiting for data), a NaN before the first checkpoint, a damaged newest checkpoint, kill -9 while
+restoring, saving, committing and deleting checkpoints, a full disk while saving. Each ends in one clear line and
+exit 0 (signals) or 2 (errors), never a hang, and an interrupted run resumes bit-identically. Bad input files and
+text: test_fault_inputs.py."""
 
 import os
 import re
@@ -132,6 +133,37 @@ def _resumes_identically(reference, env, cfg, wd, start, *extra):
   assert r.returncode == 0 and f"resumed from step {start}" in r.stdout, describe(r)
   assert [m["last_loss"] for m in metrics(wd)] == [reference["losses"][s] for s in range(1, TOTAL + 1)]
   assert_identical(load_state(wd, TOTAL), load_state(reference["workdir"], TOTAL))
+
+
+@pytest.mark.slow
+def test_kill_9_during_restore_async_save_and_commit_resumes_bit_identically(reference, env, tmp_path):
+  """SIGKILL at three moments, one after the other on one workdir: while step 12 is read back, while step 16's
+  arrays are being written (async save), and when step 16 is written but its folder not yet renamed into place.
+  None leaves a checkpoint behind that is not whole; the run then resumes from step 12 and ends bit-identical to
+  the uninterrupted one."""
+  wd, cfg = _reference_until(reference, 12, tmp_path / "run"), write_config(tmp_path)
+  for mode, moment in (("kill-in-restore", "while restoring step 12"),
+                       ("kill-in-save=16", "during the async save of step 16"),
+                       ("kill-in-commit=16", "before step 16's folder is renamed into place")):
+    r = worker(env, mode, f"--config={cfg}", f"--workdir={wd}", *REF_OVERRIDES)
+    assert r.returncode == -signal.SIGKILL and f"SIGKILL {moment}" in r.stdout, describe(r)
+    if "=16" in mode:  # the save was under way: its folder still the temporary one
+      assert "'16.orbax-checkpoint-tmp" in r.stdout and "'16'" not in r.stdout, describe(r)
+    assert checkpoint_steps(wd) == [4, 8, 12]
+  _resumes_identically(reference, env, cfg, wd, 12)
+
+
+@pytest.mark.slow
+def test_kill_9_while_an_old_step_is_deleted_resumes_bit_identically(reference, env, tmp_path):
+  """keep=2: saving step 12 deletes step 4; SIGKILL with that deletion half done. The half-deleted step is never
+  read (a newer one is whole) and is deleted by the resumed run, which ends bit-identical."""
+  wd, cfg = _reference_until(reference, 8, tmp_path / "run"), write_config(tmp_path)
+  keep = "--config.checkpoint.keep=2"
+  r = worker(env, "kill-in-delete", f"--config={cfg}", f"--workdir={wd}", *REF_OVERRIDES, keep)
+  assert r.returncode == -signal.SIGKILL and "SIGKILL while deleting step 4" in r.stdout, describe(r)
+  assert checkpoint_steps(wd) == [4, 8, 12]
+  _resumes_identically(reference, env, cfg, wd, 12, keep)
+  assert checkpoint_steps(wd) == [12, 16]
 
 
 def _file_size_limit(limit):
