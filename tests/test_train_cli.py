@@ -35,8 +35,9 @@ from train_runs import (
     (["stray"], "unexpected arguments: ['stray']"),
     (["--config={tmp}/dict_config.py"], "get_config() returned a dict, not an ml_collections.ConfigDict"),
     (["--config.optim.clip_norm=-1"], "optim.clip_norm -1.0: >= 0 (0 turns clipping off)"),
+    (["--config.mesh.data=0"], "mesh sizes (0, -1, 1): each at least 1, or -1"),
 ], ids=["unknown-key", "bad-value", "bad-type", "lr-overflow", "bad-model", "no-config", "dry-run-mesh",
-        "no-images", "bad-regex", "stray-argument", "not-a-config", "negative-clip-norm"])
+        "no-images", "bad-regex", "stray-argument", "not-a-config", "negative-clip-norm", "zero-mesh"])
 def test_bad_config_is_one_error_line(env, tmp_path, args, expect):
   (tmp_path / "dict_config.py").write_text("def get_config():\n  return {'model': {'name': 'qwen_vl_demo'}}\n")
   args = [a.replace("{tmp}", str(tmp_path)) for a in args]

@@ -145,6 +145,8 @@ def validate(c: ml_collections.ConfigDict, dry_run: bool = False) -> None:
               "log.every"):
     section, name = key.split(".")
     need(c[section][name] >= 1, f"{key} {c[section][name]}: must be at least 1")
+  sizes = (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+  need(all(v >= 1 or v == -1 for v in sizes), f"mesh sizes {sizes}: each at least 1, or -1 (the remaining devices)")
   need(c.data.batch_size % c.optim.grad_accum == 0, "data.batch_size must be a multiple of optim.grad_accum")
   need(c.optim.total_steps > 0 and 0 <= c.optim.warmup_steps, "optim.total_steps > 0, optim.warmup_steps >= 0")
   need(c.optim.lr > 0 and 0 <= c.optim.min_lr <= c.optim.lr, "optim.lr > 0 and 0 <= optim.min_lr <= optim.lr")
