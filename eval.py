@@ -1,6 +1,9 @@
 """Evaluate a checkpoint: python eval.py --config=configs/<name>.py --checkpoint=DIR [--split=test] [--max_examples=N]
 
-Generates greedy answers over an evaluation split of the config's data source (the synthetic shapes splits, the
+A contrastive stage (`mode=contrastive`, e.g. configs/contrastive_demo.py) is scored zero-shot instead: image <->
+text retrieval recall@1/5 and classification over the shapes classes (qwenvl_jax/evals/contrastive.py).
+
+Otherwise it generates greedy answers over an evaluation split of the config's data source (the synthetic shapes splits, the
 shapes TFDS build, or a JSONL file in the official finetune format) and reports captioning CIDEr, VQA accuracy,
 grounding accuracy at IoU >= 0.5, OCR exact match and ANLS. Writes predictions.jsonl and metrics.json to --out
 (default: DIR/eval_<split>).
@@ -48,6 +51,45 @@ def run(c, checkpoint: str, split: str, out: str) -> dict:
   return metrics
 
 
+def run_contrastive(c, checkpoint: str, split: str, out: str) -> dict:
+  """A contrastive stage's workdir (`mode=contrastive`): zero-shot retrieval and classification (evals/contrastive.py)
+  on the split's image-caption pairs, at the config's image size."""
+  import functools
+  import json
+
+  import jax
+
+  from qwenvl_jax.api import find_tokenizer
+  from qwenvl_jax.convert.checkpoint import load_training_params
+  from qwenvl_jax.data.tokenizer import load_tokenizer
+  from qwenvl_jax.evals.contrastive import evaluate_contrastive
+  from qwenvl_jax.models import registry
+  from qwenvl_jax.train.config import spec_of
+  from qwenvl_jax.train.contrastive import ContrastiveHead
+  from qwenvl_jax.train.loop import model_config, processor_for
+  from qwenvl_jax.train.state import abstract_params
+
+  cfg = model_config(c)
+  fam, head = registry.family_of(cfg), ContrastiveHead(spec_of(c))
+  abstract = abstract_params(cfg, head)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  params, step = load_training_params(checkpoint, abstract, jax.tree.map(lambda _: device, abstract))
+  processor = processor_for(c, cfg)
+  tok_path = _TOKENIZER.value or find_tokenizer(checkpoint)
+  if tok_path is None:
+    raise FileNotFoundError(f"no tokenizer found with {checkpoint}; pass --tokenizer")
+  tok = load_tokenizer(tok_path, image_span=processor.fixed_image_tokens or 0)
+  image_fn = functools.partial(fam.inputs.contrastive_image, cfg, processor, size=c.data.image_size)
+  metrics = evaluate_contrastive(fam.module(cfg), head, params, tok, image_fn,
+                                 _source(c, split, c.data.image_size), text_len=c.contrastive.text_len,
+                                 max_examples=_MAX.value)
+  metrics["step"] = step
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "metrics.json"), "w") as f:
+    json.dump(metrics, f, indent=2)
+  return metrics
+
+
 def _source(c, split, image_size):
   """The split of the config's data; shapes at the model's image size (fixed-span families) or the config's range of
   sides (any-resolution ones), with the config's task mix."""
@@ -76,6 +118,14 @@ def main(argv) -> int:
       if flag.value is not None and flag.value < 1:
         raise ValueError(f"--{flag.name}={flag.value}: must be at least 1")
     out = _OUT.value or os.path.join(_CHECKPOINT.value, f"eval_{_SPLIT.value}")
+    if _CONFIG.value.get("mode") == "contrastive":
+      if not os.path.exists(_CHECKPOINT.value):
+        raise FileNotFoundError(f"checkpoint {_CHECKPOINT.value} does not exist")
+      metrics = run_contrastive(_CONFIG.value, _CHECKPOINT.value, _SPLIT.value, out)
+      for k, v in metrics.items():
+        print(f"{k:>20s}  {v:.4f}" if isinstance(v, float) else f"{k:>20s}  {v}")
+      print(f"wrote {out}/metrics.json")
+      return 0
     metrics = run(_CONFIG.value, _CHECKPOINT.value, _SPLIT.value, out)
   except Exception as e:  # noqa: BLE001 - flags, config, checkpoint and data errors all end here as one line
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]

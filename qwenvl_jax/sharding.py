@@ -36,6 +36,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("patch_h", None),
     ("patch_w", None),
     ("channels", None),
+    ("contrastive", None),  # the contrastive stage's shared embedding width
     ("layers", None),
 )
 

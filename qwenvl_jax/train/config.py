@@ -14,6 +14,11 @@ from qwenvl_jax.models.qwen_vl.config import STAGE_FREEZE  # the default model's
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # generative: next-token loss on ChatML / pre-training samples; contrastive: image-text alignment (InternVL's
+  # stage 1, train/contrastive.py) on a source's image-caption pairs, with the fields of `contrastive`
+  c.mode = "generative"
+  c.contrastive = ml_collections.ConfigDict(dict(loss="clip", embed_dim=256, text_pooling="last",
+                                                 init_temperature=0.07, text_len=32))
   c.model = ml_collections.ConfigDict(dict(name="qwen_vl_7b", param_dtype="float32", dtype="bfloat16",
                                            remat_policy="none", scan_layers=True))
   # Where the weights come from: random | hf (an HF Qwen-VL folder or our export) | checkpoint (a training
@@ -53,6 +58,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.stages = ()
   c.stage_overrides = ml_collections.ConfigDict()
   return c
+
+
+def spec_of(c):
+  """The contrastive stage's settings as `train.contrastive.ContrastiveSpec`."""
+  from qwenvl_jax.train.contrastive import ContrastiveSpec
+  k = c.contrastive
+  return ContrastiveSpec(loss=k.loss, embed_dim=int(k.embed_dim), text_pooling=k.text_pooling,
+                         init_temperature=float(k.init_temperature))
 
 
 def resolve_stage(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
@@ -133,9 +146,22 @@ def validate(c: ml_collections.ConfigDict, dry_run: bool = False) -> None:
     except ValueError as e:
       need(False, f"data.mix: {e}")
   need(c.data.seq_len > 0 and c.data.batch_size > 0, "data.seq_len and data.batch_size must be positive")
-  if registry.family_of(registry.get_config(c.model.name)).sample_encoder is not None:
+  need(c.mode in ("generative", "contrastive"), f"mode {c.mode!r}: generative | contrastive")
+  fam = registry.family_of(registry.get_config(c.model.name))
+  if c.mode == "contrastive":
+    try:
+      spec_of(c).validate()
+    except (ValueError, TypeError) as e:
+      need(False, str(e))
+    need(c.contrastive.text_len >= 2, f"contrastive.text_len {c.contrastive.text_len}: at least 2")
+    need(c.optim.grad_accum == 1, "optim.grad_accum must be 1 in contrastive mode (micro-batches would have fewer "
+                                  "negatives: another loss)")
+  elif fam.sample_encoder is not None:
     need(dry_run or c.data.patch_budget > 0,
          f"data.patch_budget must be positive for {c.model.name} (ViT patches per row)")
+  elif fam.name == "internvl":
+    need(False, f"{c.model.name}: InternVL trains in the contrastive stage (--config.mode=contrastive); its "
+                "generative stages are not supported yet")
   if c.data.image_sides:
     try:
       lo, hi = (int(x) for x in c.data.image_sides.split(","))

@@ -3,6 +3,7 @@ checkpoints, SIGTERM and NaN handling. `train.py` is the command-line entry poin
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -27,7 +28,9 @@ from qwenvl_jax.train.checkpointing import TrainCheckpointer
 from qwenvl_jax.train.optimizer import make_optimizer
 from qwenvl_jax.train.sigterm import Interrupted, SigtermGuard
 from qwenvl_jax.train.state import bytes_per_device, create_state, state_shardings
-from qwenvl_jax.train.step import StepOptions, fed_flops, flops_per_step, train_step
+from qwenvl_jax.train.config import spec_of
+from qwenvl_jax.train.contrastive import ContrastiveHead
+from qwenvl_jax.train.step import StepOptions, contrastive_flops, contrastive_step, fed_flops, flops_per_step, train_step
 
 log = logging.getLogger("qwenvl_jax.train")
 
@@ -56,6 +59,8 @@ def processor_for(c, cfg):
   """The family's processor at the stage's resolution (e.g. 224 px in stage 1; any-resolution families: the pixel
   range): the one home of image size and image tokens per image for the tokenizer, the data and the FLOP count."""
   fam = registry.family_of(cfg)
+  if any_resolution(cfg) and c.get("mode") == "contrastive":  # one size: data.image_size squared
+    return fam.processor(cfg, min_pixels=c.data.image_size ** 2, max_pixels=c.data.image_size ** 2)
   if any_resolution(cfg):
     return fam.processor(cfg, **{k: v for k, v in (("min_pixels", c.data.min_pixels),
                                                    ("max_pixels", c.data.max_pixels)) if v})
@@ -67,18 +72,22 @@ def mesh_from(c, devices=None):
 
 
 def tokenizer_for(c, cfg, workdir: str):
-  """The configured tokenizer; 'shapes' trains the demo SentencePiece once and keeps it with the run."""
-  if any_resolution(cfg):  # the family's sample encoder checks the tokenizer's ids against the config
-    if c.data.tokenizer != "shapes":
-      return load_tokenizer(c.data.tokenizer)
-    from qwenvl_jax.data.shapes import train_tokenizer_json
-    path = os.path.join(workdir, "tokenizer.json")
-    if not os.path.isfile(path):
-      if jax.process_index() == 0:
-        train_tokenizer_json(path, vocab_size=cfg.vocab_size)
-      _sync("tokenizer")
-    return load_tokenizer(path)
+  """The configured tokenizer; 'shapes' trains the demo tokenizer once and keeps it with the run (a SentencePiece
+  model for fixed image spans, a tokenizer.json for families whose images are placeholder blocks)."""
   span = processor_for(c, cfg).fixed_image_tokens
+  if span is None:  # placeholder blocks (Qwen2-VL, InternVL): the family checks the tokenizer's ids
+    if c.data.tokenizer != "shapes":
+      tok = load_tokenizer(c.data.tokenizer)
+    else:
+      from qwenvl_jax.data.shapes import train_tokenizer_json
+      path = os.path.join(workdir, "tokenizer.json")
+      if not os.path.isfile(path):
+        if jax.process_index() == 0:
+          train_tokenizer_json(path, vocab_size=cfg.vocab_size)
+        _sync("tokenizer")
+      tok = load_tokenizer(path)
+    registry.family_of(cfg).inputs.check_tokenizer(cfg, tok)
+    return tok
   if c.data.tokenizer == "shapes":
     from qwenvl_jax.data.shapes import train_tokenizer
     path = os.path.join(workdir, "tokenizer.model")
@@ -116,10 +125,21 @@ def data_source(c, split: str = "train"):
 
 
 def data_pipeline(c, tok, processor, seed_offset: int = 0):
+  """-> (an iterable of this host's batches with a checkpointable iterator, the task names of its per-task
+  losses)."""
   from qwenvl_jax.data.shapes import TASKS
   d = c.data
   per_host = d.batch_size // jax.process_count()
   cfg = model_config(c)
+  if c.mode == "contrastive":  # image-caption pairs at one size (train/contrastive.py)
+    import functools
+
+    from qwenvl_jax.data.pairs import PairEncoder, build_pair_dataset
+    dcfg = DataConfig(batch_size=per_host, strict=d.strict, num_threads=d.num_threads)
+    image_fn = functools.partial(registry.family_of(cfg).inputs.contrastive_image, cfg, processor,
+                                 size=d.image_size)
+    encoder = PairEncoder(tok, dcfg, image_fn, c.contrastive.text_len)
+    return build_pair_dataset(data_source(c), encoder, dcfg, seed=c.seed + seed_offset, num_epochs=None), ()
   if any_resolution(cfg):  # each row carries its own patches: every host packs its own rows
     dcfg = DataConfig(seq_len=d.seq_len, batch_size=per_host, mode=d.mode, strict=d.strict,
                       num_threads=d.num_threads, packing_window=d.packing_window, task_names=TASKS)
@@ -175,7 +195,8 @@ def dry_run(c) -> dict:
   if -1 in sizes:
     raise ValueError("--dry_run needs explicit mesh sizes (no -1): e.g. --config.mesh.fsdp=64")
   mesh = AbstractMesh(tuple(sizes), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
-  abstract, sh = state_shardings(cfg, tx, mesh)
+  head = ContrastiveHead(spec_of(c)) if c.mode == "contrastive" else None
+  abstract, sh = state_shardings(cfg, tx, mesh, head)
   r = bytes_per_device(abstract, sh)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
   gib = 2 ** 30
@@ -183,6 +204,9 @@ def dry_run(c) -> dict:
         f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} ({int(np.prod(sizes))} devices)")
   print(f"per device: params {r['params'] / gib:.3f} GiB + optimizer state {r['opt_state'] / gib:.3f} GiB = "
         f"{(r['params'] + r['opt_state']) / gib:.3f} GiB")
+  if head is not None:
+    print("activations: not estimated in contrastive mode (the estimate models packed generative rows)")
+    return r
   act = activation_bytes(c, cfg, processor_for(c, cfg))
   r["activations"] = act["total"]
   print(f"activations (estimate, remat {cfg.remat_policy}, {c.data.batch_size // c.optim.grad_accum} rows of "
@@ -218,7 +242,8 @@ def _run_stage(c, workdir: str, shared_dir: str | None, guard: SigtermGuard) -> 
     raise ValueError(f"data.batch_size {c.data.batch_size} must be a multiple of the process count "
                      f"{jax.process_count()} and of the data x fsdp mesh size {batch_shards}")
   tx, sched = optimizer(c, cfg)
-  abstract, shardings = state_shardings(cfg, tx, mesh)
+  head = ContrastiveHead(spec_of(c)) if c.mode == "contrastive" else None
+  abstract, shardings = state_shardings(cfg, tx, mesh, head)
   processor = processor_for(c, cfg)
   pipeline, tasks = data_pipeline(c, tok, processor)
   data_iter = iter(pipeline)
@@ -232,7 +257,8 @@ def _run_stage(c, workdir: str, shared_dir: str | None, guard: SigtermGuard) -> 
     log.warning("resumed from step %d", start)
     print(f"resumed from step {start}", flush=True)
   else:
-    state = create_state(cfg, tx, mesh, c.seed, params=initial_params(c, cfg, shardings.params))
+    family_shardings = {k: v for k, v in shardings.params.items() if k != "contrastive"}
+    state = create_state(cfg, tx, mesh, c.seed, params=initial_params(c, cfg, family_shardings), head=head)
     start = 0
   if primary:  # only once the workdir's checkpoint fits this config (a rejected one keeps the run's config.json)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -243,15 +269,22 @@ def _run_stage(c, workdir: str, shared_dir: str | None, guard: SigtermGuard) -> 
                      skip_nonfinite=c.nonfinite == "skip", num_tasks=len(tasks))
   batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))  # every array: rows (and their patches)
   model = registry.family_of(cfg).module(cfg)
-  step_fn = jax.jit(lambda s, b: train_step(s, b, model=model, tx=tx, schedule=sched, opts=opts),
-                    in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
+  if head is None:
+    one_step = functools.partial(train_step, model=model, tx=tx, schedule=sched, opts=opts)
+  else:
+    one_step = functools.partial(contrastive_step, model=model, head=head, tx=tx, schedule=sched, opts=opts)
+  step_fn = jax.jit(one_step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                    donate_argnums=0)
 
   writer = _tb_writer(c, workdir, purge_step=start + 1) if primary else None
   total = c.optim.total_steps
   # MFU: fixed-span families compute the same every step; any-resolution batches count what each one feeds (the
   # local batch's FLOPs times the hosts: every host feeds as many rows)
-  fixed_flops = None if any_resolution(cfg) else flops_per_step(cfg, c.data.batch_size, c.data.seq_len,
-                                                                 c.data.batch_size * c.data.max_images, processor)
+  if head is not None:
+    fixed_flops = contrastive_flops(cfg, c.data.batch_size, c.contrastive.text_len, processor)
+  else:
+    fixed_flops = None if any_resolution(cfg) else flops_per_step(cfg, c.data.batch_size, c.data.seq_len,
+                                                                   c.data.batch_size * c.data.max_images, processor)
   peak = (c.peak_flops or measure_matmul_peak()) * jax.device_count()
   bar = _progress(start, total) if (primary and c.log.progress) else None
   window = {"loss": 0.0, "n": 0, "steps": 0, "tokens": 0.0, "flops": 0.0, "time": time.perf_counter(),
@@ -407,6 +440,9 @@ def _log_window(w, m, step, total, peak, tasks, writer, bar) -> dict:
       out[f"loss/{name}"] = float(w["task"][i] / w["task_n"][i])
   line = (f"step {step}/{total}  loss {out['loss']:.4f}  grad_norm {out['grad_norm']:.3f}  lr {out['lr']:.2e}  "
           f"tokens/s {out['tokens_per_s']:.0f}  mfu {out['mfu']:.2%}")
+  if "logit_scale" in m:  # the contrastive stage's learned temperature (1 / scale)
+    out["logit_scale"] = float(m["logit_scale"])
+    line += f"  logit_scale {out['logit_scale']:.2f}"
   if bar is not None:
     bar.write(line)
   elif jax.process_index() == 0:

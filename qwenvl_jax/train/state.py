@@ -24,11 +24,28 @@ def _suffix_match_shardings(abstract_tree, param_shardings: dict[str, object], d
   return jax.tree_util.tree_map_with_path(pick, abstract_tree)
 
 
-def state_shardings(cfg, tx, mesh) -> tuple[TrainState, TrainState]:
-  """-> (abstract TrainState, matching tree of NamedShardings). Nothing is allocated."""
+def init_params(cfg, rng, head=None, boxed: bool = False):
+  """The trained parameters: the family's, plus `contrastive/` for a contrastive stage's `head`."""
   fam = registry.family_of(cfg)
-  params_abs = fam.abstract_params(cfg)
-  params_sh = logical_to_sharding(fam.abstract_params(cfg, boxed=True), mesh)
+  params = fam.init_params(cfg, rng, boxed=boxed)
+  if head is None:
+    return params
+  from qwenvl_jax.train.contrastive import init_head
+  return {**params, "contrastive": init_head(head, cfg.vit.width, cfg.decoder.hidden, jax.random.fold_in(rng, 1),
+                                             boxed=boxed)}
+
+
+def abstract_params(cfg, head=None, boxed: bool = False):
+  if head is None:
+    return registry.family_of(cfg).abstract_params(cfg, boxed=boxed)
+  return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), head, boxed=boxed))
+
+
+def state_shardings(cfg, tx, mesh, head=None) -> tuple[TrainState, TrainState]:
+  """-> (abstract TrainState, matching tree of NamedShardings). Nothing is allocated. `head`: the contrastive
+  stage's projections, trained with the model (`train/contrastive.py`)."""
+  params_abs = abstract_params(cfg, head)
+  params_sh = logical_to_sharding(abstract_params(cfg, head, boxed=True), mesh)
   flat = {path_str(p): (tuple(x.shape), s) for (p, x), s in
           zip(jax.tree_util.tree_leaves_with_path(params_abs), jax.tree.leaves(params_sh))}
   flat = dict(sorted(flat.items(), key=lambda kv: -len(kv[0])))  # longest path first
@@ -40,16 +57,20 @@ def state_shardings(cfg, tx, mesh) -> tuple[TrainState, TrainState]:
   return abstract, TrainState(step=rep, params=params_sh, opt_state=opt_sh, rng=rep)
 
 
-def create_state(cfg, tx, mesh, seed: int, params=None) -> TrainState:
+def create_state(cfg, tx, mesh, seed: int, params=None, head=None) -> TrainState:
   """A fresh state created directly with its shardings (jit out_shardings: no full host copy). `params` (host or
-  device arrays) replaces the random initialisation, e.g. weights imported from Hugging Face."""
-  _, sh = state_shardings(cfg, tx, mesh)
+  device arrays) replaces the random initialisation, e.g. weights imported from Hugging Face; with a contrastive
+  `head`, the family's params (the head starts fresh)."""
+  _, sh = state_shardings(cfg, tx, mesh, head)
   rng = jax.random.PRNGKey(seed)
   if params is None:
     def init(key):
-      p = registry.family_of(cfg).init_params(cfg, key)
+      p = init_params(cfg, key, head)
       return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=key)
     return jax.jit(init, out_shardings=sh)(rng)
+  if head is not None:
+    fresh = jax.jit(lambda key: init_params(cfg, key, head)["contrastive"], out_shardings=sh.params["contrastive"])
+    params = {**params, "contrastive": fresh(rng)}
   params = jax.device_put(params, sh.params)
   opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(params)
   return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), sh.step), params=params, opt_state=opt_state,

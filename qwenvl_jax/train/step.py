@@ -89,9 +89,17 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
   ce_sum, n_tokens, task_ce, task_w = aux
   denom = jnp.maximum(n_tokens, 1.0)
   grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+  new, metrics = apply_gradients(state, grads, ce_sum / denom, tx=tx, schedule=schedule, opts=opts)
+  metrics.update(supervised_tokens=n_tokens, tokens=jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
+                 task_loss_sum=task_ce, task_tokens=task_w)
+  return new, metrics
+
+
+def apply_gradients(state: TrainState, grads, loss: jax.Array, *, tx: optax.GradientTransformation, schedule,
+                    opts: StepOptions) -> tuple[TrainState, dict]:
+  """The optimizer update of every objective, with the NaN/Inf guard -> (new state, {loss, grad_norm, lr, finite})."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  loss = ce_sum / denom
   grad_norm = optax.global_norm(grads)
   # an update can overflow even when loss and gradients are finite (e.g. an absurd learning rate)
   # (checked element-wise: the norm of a huge but finite update overflows)
@@ -100,10 +108,30 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
   new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   if opts.skip_nonfinite:
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1))
-  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "supervised_tokens": n_tokens,
-             "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
-             "finite": finite, "task_loss_sum": task_ce, "task_tokens": task_w}
+  return new, {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite}
+
+
+def contrastive_step(state: TrainState, batch: dict, *, model, head, tx: optax.GradientTransformation, schedule,
+                     opts: StepOptions) -> tuple[TrainState, dict]:
+  """One optimizer step of the contrastive stage (`train/contrastive.py`) over the global batch of image-text pairs
+  (every other pair of the batch is a negative)."""
+  from qwenvl_jax.train.contrastive import contrastive_loss
+  loss, grads = jax.value_and_grad(lambda p: contrastive_loss(model, head, p, batch))(state.params)
+  new, metrics = apply_gradients(state, grads, loss, tx=tx, schedule=schedule, opts=opts)
+  scale, _ = head.apply({"params": new.params["contrastive"]}, method="scale_bias")
+  n = jnp.float32(batch["text_ids"].shape[0])
+  metrics.update(supervised_tokens=n, tokens=jnp.sum(batch["text_mask"]).astype(jnp.float32),
+                 task_loss_sum=jnp.zeros((0,)), task_tokens=jnp.zeros((0,)), logit_scale=scale)
   return new, metrics
+
+
+def contrastive_flops(cfg, batch: int, text_len: int, processor) -> float:
+  """Training FLOPs (3 x forward) of a contrastive step: the vision tower on `batch` images at the processor's size
+  (the family's `image_flops`, its adapter included: an upper bound) and the decoder on `batch` captions of
+  text_len tokens, without the LM head (the projections are negligible)."""
+  fam = registry.family_of(cfg)
+  return 3.0 * (batch * fam.image_flops(cfg, processor)
+                + _decoder_flops(cfg, batch * text_len, batch * text_len * text_len, lm_head=False))
 
 
 def flops_per_step(cfg, batch: int, seq_len: int, images: int, processor=None) -> float:
@@ -129,10 +157,10 @@ def fed_flops(cfg, batch: dict) -> float:
   return 3.0 * (_decoder_flops(cfg, int(lengths.sum()), int(np.square(lengths).sum())) + vision)
 
 
-def _decoder_flops(cfg, tokens: int, attention_pairs: int) -> float:
+def _decoder_flops(cfg, tokens: int, attention_pairs: int, lm_head: bool = True) -> float:
   """Forward decoder FLOPs over `tokens` tokens whose causal attention spans `attention_pairs` / 2 (query, key)
   pairs (the sum of squared sample lengths; a full row of S: S^2)."""
   spec = cfg.decoder
   d, dh, qh, kh = spec.hidden, spec.head_dim, spec.heads, spec.kv_heads
-  per_token = spec.num_layers * (2 * d * (2 * qh + 2 * kh) * dh + 6 * d * spec.mlp_dim) + 2 * d * cfg.vocab_size
+  per_token = spec.num_layers * (2 * d * (2 * qh + 2 * kh) * dh + 6 * d * spec.mlp_dim) + 2 * d * cfg.vocab_size * lm_head
   return float(tokens * per_token + spec.num_layers * 2 * attention_pairs * qh * dh)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from qwenvl_jax.models.internvl.config import IMG_CONTEXT, IMG_END, IMG_START, InternVLConfig
 
@@ -82,3 +83,12 @@ def decode_kwargs(cfg: InternVLConfig, longest_prompt: int) -> dict:
 def encode_args(cfg: InternVLConfig, pixel_values) -> tuple[tuple, None]:
   """-> (arguments of `InternVL.encode_images` / `InternVL.vit`, None: every output row is real)."""
   return (jnp.asarray(tiles(cfg, pixel_values)),), None
+
+
+def contrastive_image(cfg: InternVLConfig, processor, image, size: int, name: str | None = None) -> dict:
+  """One image as the contrastive stage feeds `InternVL.pooled_vit`: the whole image as one tile,
+  {"pixel_values": [3, size, size]}."""
+  del cfg
+  from qwenvl_jax.data.images import load_image, normalized_chw
+  img = load_image(image, name=name).resize((size, size), Image.Resampling.BICUBIC)
+  return {"pixel_values": normalized_chw(img, processor.image_mean, processor.image_std, processor.rescale_factor)}

@@ -51,6 +51,11 @@ class InternVL(nn.Module):
     """[N, 3, S, S] normalised tiles -> [N, tokens_per_tile, hidden_size]."""
     return self.projector(pixel_shuffle(self.vision(pixel_values)[:, 1:], self.cfg.merge))
 
+  def pooled_vit(self, pixel_values: jax.Array) -> jax.Array:
+    """[N, 3, S, S] -> [N, W]: the patch tokens averaged, class token left out (the contrastive stage's image
+    feature; InternViT's `use_mean_pooling`)."""
+    return self.vision(pixel_values)[:, 1:].mean(axis=1)
+
   def project(self, hidden: jax.Array) -> jax.Array:
     """[..., D] final hidden states -> [..., vocab] logits (the embedding matrix when tied)."""
     if self.cfg.tie_word_embeddings:
@@ -112,14 +117,15 @@ def abstract_params(cfg: InternVLConfig, boxed: bool = False):
 
 
 def image_flops(cfg: InternVLConfig, processor=None) -> float:
-  """Forward matmul FLOPs of one tile's vision path: patch embedding 2*P*Cin*W; per block 8*T*W^2 + 4*M*T*W +
-  4*T^2*W (T = P + 1 tokens with the class token); projector 2*Q*4W*D + 2*Q*D^2 (Q tokens per tile)."""
-  del processor
+  """Forward matmul FLOPs of one tile's vision path (at the processor's tile size; default the config's): patch
+  embedding 2*P*Cin*W; per block 8*T*W^2 + 4*M*T*W + 4*T^2*W (T = P + 1 tokens with the class token); projector
+  2*Q*4W*D + 2*Q*D^2 (Q = P / 4 tokens per tile)."""
   v = cfg.vision
-  p, w, m = v.grid ** 2, v.hidden_size, v.intermediate_size
+  grid = (processor.image_size if processor is not None else v.image_size) // v.patch_size
+  p, w, m = grid ** 2, v.hidden_size, v.intermediate_size
   t = p + 1
   flops = 2 * p * v.num_channels * v.patch_size ** 2 * w
   flops += v.num_hidden_layers * (8 * t * w * w + 4 * m * t * w + 4 * t * t * w)
-  q = cfg.tokens_per_tile
+  q = p // cfg.merge ** 2
   flops += 2 * q * cfg.projector_in * cfg.hidden_size + 2 * q * cfg.hidden_size ** 2
   return float(flops)

@@ -160,3 +160,20 @@ def encode_args(cfg: Qwen2VLConfig, pixel_values, image_grid_thw=None, video: bo
   n = int(np.prod(grids, axis=1).sum())
   args = (kw["pixel_values"], kw["vision_rows_cols"], kw["vision_segments"])
   return args, (n, n // cfg.vision.spatial_merge_size ** 2)
+
+
+def contrastive_image(cfg: Qwen2VLConfig, processor, image, size: int, name: str | None = None) -> dict:
+  """One image as the contrastive stage feeds `Qwen2VL.pooled_vit`, resized to size x size (a multiple of 28) so
+  every image has the same patches: {"pixel_values": [P, C*T*p*p], "vision_rows_cols": [P, 2],
+  "vision_segments": [P]}."""
+  from PIL import Image
+
+  from qwenvl_jax.data.images import load_image
+  if size % processor.factor:
+    raise ValueError(f"contrastive image size {size} must be a multiple of {processor.factor}")
+  img = load_image(image, name=name).resize((size, size), Image.Resampling.BICUBIC)
+  patches, grid = processor.preprocess_image(img, name=name)
+  if tuple(grid[1:]) != (size // processor.patch_size,) * 2:  # the pixel budget resized it again
+    raise ValueError(f"contrastive image size {size} is outside the processor's pixel range")
+  rows_cols, segments = patch_positions(grid[None], cfg.vision.spatial_merge_size)
+  return {"pixel_values": patches, "vision_rows_cols": rows_cols, "vision_segments": segments}

@@ -61,3 +61,11 @@ def decode_kwargs(cfg: QwenVLConfig, longest_prompt: int) -> dict:
 def encode_args(cfg: QwenVLConfig, pixel_values) -> tuple[tuple, None]:
   """-> (arguments of `QwenVL.encode_images` / `QwenVL.vit`, None: every output row is real)."""
   return (pixels(cfg, pixel_values),), None
+
+
+def contrastive_image(cfg: QwenVLConfig, processor, image, size: int, name: str | None = None) -> dict:
+  """One image as the contrastive stage feeds `QwenVL.pooled_vit`: {"pixel_values": [3, size, size]} (the official
+  transform)."""
+  del cfg, processor
+  from qwenvl_jax.data.images import preprocess_image
+  return {"pixel_values": preprocess_image(image, size, name=name)}
