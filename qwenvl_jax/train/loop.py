@@ -74,8 +74,8 @@ def mesh_from(c, devices=None):
 def tokenizer_for(c, cfg, workdir: str):
   """The configured tokenizer; 'shapes' trains the demo tokenizer once and keeps it with the run (a SentencePiece
   model for fixed image spans, a tokenizer.json for families whose images are placeholder blocks)."""
-  span = processor_for(c, cfg).fixed_image_tokens
-  if span is None:  # placeholder blocks (Qwen2-VL, InternVL): the family checks the tokenizer's ids
+  if registry.family_of(cfg).processor(cfg).fixed_image_tokens is None:
+    # placeholder blocks (Qwen2-VL, InternVL): the family checks the tokenizer's ids
     if c.data.tokenizer != "shapes":
       tok = load_tokenizer(c.data.tokenizer)
     else:
@@ -88,6 +88,7 @@ def tokenizer_for(c, cfg, workdir: str):
       tok = load_tokenizer(path)
     registry.family_of(cfg).inputs.check_tokenizer(cfg, tok)
     return tok
+  span = processor_for(c, cfg).fixed_image_tokens
   if c.data.tokenizer == "shapes":
     from qwenvl_jax.data.shapes import train_tokenizer
     path = os.path.join(workdir, "tokenizer.model")
