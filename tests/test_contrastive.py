@@ -122,3 +122,30 @@ def test_pair_pipeline_rows(tmp_path):
   assert b["text_ids"][0, :min(len(want), 7)].tolist() == want[:7]
   list(it)
   assert enc.counts["ok"] == len(pairs) and enc.counts["not_a_pair"] == 30 - len(pairs)
+
+
+def test_internvit_drop_path_is_stochastic_depth_in_training_only():
+  """drop_path_rate: each sample's branches are dropped (scaled by 1/keep when kept) with InternViT's per-block
+  rates (0 for the first block); inference and a rate of 0 are deterministic, and the contrastive step passes a
+  fresh rng each step."""
+  cfg = registry.get_config("internvl_tiny").replace(vision={"drop_path_rate": 0.5})
+  fam = registry.family_of(cfg)
+  model = fam.module(cfg)
+  params = fam.init_params(cfg, jax.random.key(0))
+  pixels = jnp.asarray(np.random.default_rng(3).normal(size=(16, 3, 56, 56)), jnp.float32)
+  infer = model.apply({"params": params}, pixels, method="pooled_vit")
+  same = model.apply({"params": params}, pixels, method="pooled_vit", deterministic=True)
+  np.testing.assert_array_equal(infer, same)
+
+  def train(seed):
+    return model.apply({"params": params}, pixels, method="pooled_vit", deterministic=False,
+                       rngs={"dropout": jax.random.key(seed)})
+  a, b = train(1), train(2)
+  assert not np.allclose(a, infer) and not np.allclose(a, b)
+  np.testing.assert_array_equal(a, train(1))  # the rng decides
+  # per sample, not per token: a sample whose branches were all kept differs from inference only by the 1/keep scale
+  assert (np.abs(np.asarray(a) - np.asarray(infer)).max(axis=1) > 1e-6).sum() >= 8
+  rate0 = registry.get_config("internvl_tiny")
+  model0 = fam.module(rate0)
+  np.testing.assert_array_equal(model0.apply({"params": params}, pixels, method="pooled_vit", deterministic=False,
+                                             rngs={"dropout": jax.random.key(1)}), infer)

@@ -58,8 +58,13 @@ def is_training_workdir(path: str) -> bool:
 def model_config(c):
   """The model config a training config (`configs/*.py`, ml_collections) names in its `model` section."""
   m = c.model
-  return registry.get_config(m.name, param_dtype=m.param_dtype, dtype=m.dtype, remat_policy=m.remat_policy,
-                             scan_layers=m.scan_layers)
+  cfg = registry.get_config(m.name, param_dtype=m.param_dtype, dtype=m.dtype, remat_policy=m.remat_policy,
+                            scan_layers=m.scan_layers)
+  if m.get("drop_path", 0.0):  # stochastic depth in the vision tower: InternViT's
+    if not hasattr(getattr(cfg, "vision", None), "drop_path_rate"):
+      raise ValueError(f"model.drop_path: {m.name}'s vision tower has no drop path (InternVL's has)")
+    cfg = cfg.replace(vision={"drop_path_rate": float(m.drop_path)})
+  return cfg
 
 
 def relayout(params, stored_scan: bool, scan: bool):

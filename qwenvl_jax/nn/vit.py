@@ -13,6 +13,7 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from qwenvl_jax.nn.attention import MultiHeadAttention
 from qwenvl_jax.nn.layers import MLP, LayerNorm, RMSNorm, apply_layers, as_dtype
@@ -34,6 +35,7 @@ class ViTSpec:
   layer_scale: float = 0.0   # > 0: learned per-channel scales ls1 / ls2 on the two branches, initialised to this
   qk_norm: bool = False      # RMSNorm of q and k over all heads before attention
   qkv_bias: bool = True
+  drop_path: float = 0.0     # stochastic depth in training: block i of L drops its branches with p = rate * i / (L-1)
 
   @property
   def head_dim(self) -> int:
@@ -45,21 +47,33 @@ class ViTSpec:
 
 
 class ViTBlock(nn.Module):
-  """Pre-LN transformer block; signature fits `apply_layers` (mask and rope broadcast, nothing per layer)."""
+  """Pre-LN transformer block; signature fits `apply_layers` (mask and rope broadcast; per layer: its drop-path
+  rate when training with one)."""
   spec: ViTSpec
+  deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x, mask=None, rope=None, _layer_in=None):
+  def __call__(self, x, mask=None, rope=None, drop_rate=None):
     c = self.spec
     norm = {"layer_norm": LayerNorm, "rms_norm": RMSNorm}[c.norm]
     h = norm(c.eps, "vit_embed", name="ln_1", **c.kw)(x)
     h = MultiHeadAttention(c.heads, c.head_dim, c.width, "vit_embed", "vit_heads", "vit_embed", qk_norm=c.qk_norm,
                            qkv_bias=c.qkv_bias, name="attn", **c.kw)(h, h, h, mask=mask, rope=rope)
-    x = x + self._scaled("ls1", h)
+    x = x + self._dropped(self._scaled("ls1", h), drop_rate)
     h = norm(c.eps, "vit_embed", name="ln_2", **c.kw)(x)
-    x = x + self._scaled("ls2", MLP(c.mlp_dim, c.width, c.activation, name="mlp", **c.kw)(h))
+    x = x + self._dropped(self._scaled("ls2", MLP(c.mlp_dim, c.width, c.activation, name="mlp", **c.kw)(h)),
+                          drop_rate)
     x = nn.with_logical_constraint(x, ("batch", "length", "vit_embed"))
     return x, None
+
+  def _dropped(self, h: jax.Array, rate) -> jax.Array:
+    """Stochastic depth: each sample's branch is dropped with probability `rate`, kept ones scaled by 1 / (1 - rate)
+    (timm's DropPath, as InternViT); the identity when deterministic."""
+    if self.deterministic or rate is None:
+      return h
+    keep = 1.0 - rate
+    kept = jax.random.bernoulli(self.make_rng("dropout"), keep, (h.shape[0],) + (1,) * (h.ndim - 1))
+    return jnp.where(kept, h / keep, 0).astype(h.dtype)
 
   def _scaled(self, name: str, h: jax.Array) -> jax.Array:
     if not self.spec.layer_scale:
@@ -77,11 +91,15 @@ def patchify(pixels: jax.Array, patch: int) -> jax.Array:
   return x.transpose(0, 2, 4, 3, 5, 1)
 
 
-def vit_trunk(spec: ViTSpec, x: jax.Array, mask: jax.Array | None = None, rope: jax.Array | None = None):
+def vit_trunk(spec: ViTSpec, x: jax.Array, mask: jax.Array | None = None, rope: jax.Array | None = None,
+              deterministic: bool = True):
   """Run the blocks; call from inside a parent's `nn.compact` method (parameters under `layers`).
 
   x: [N, P, width]; mask: [N, 1, P, P] bool or None; rope: [N, P, head_dim / 2] angles or None -> [N, P, width].
+  deterministic=False with `spec.drop_path` > 0: stochastic depth (needs the 'dropout' rng).
   """
-  x, _ = apply_layers(ViTBlock, dict(spec=spec), x, (mask, rope), length=spec.layers, scan=spec.scan,
-                      remat=spec.remat)
+  training = not deterministic and spec.drop_path > 0
+  rates = jnp.linspace(0.0, spec.drop_path, spec.layers) if training else None
+  x, _ = apply_layers(ViTBlock, dict(spec=spec, deterministic=not training), x, (mask, rope), rates,
+                      length=spec.layers, scan=spec.scan, remat=spec.remat)
   return x

@@ -20,7 +20,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.contrastive = ml_collections.ConfigDict(dict(loss="clip", embed_dim=256, text_pooling="last",
                                                  init_temperature=0.07, text_len=32))
   c.model = ml_collections.ConfigDict(dict(name="qwen_vl_7b", param_dtype="float32", dtype="bfloat16",
-                                           remat_policy="none", scan_layers=True))
+                                           remat_policy="none", scan_layers=True,
+                                           drop_path=0.0))  # InternViT's stochastic depth in training
   # Where the weights come from: random | hf (an HF Qwen-VL folder or our export) | checkpoint (a training
   # workdir of the previous stage, or this project's model checkpoint).
   c.init = ml_collections.ConfigDict(dict(source="random", path=""))
@@ -147,6 +148,13 @@ def validate(c: ml_collections.ConfigDict, dry_run: bool = False) -> None:
       need(False, f"data.mix: {e}")
   need(c.data.seq_len > 0 and c.data.batch_size > 0, "data.seq_len and data.batch_size must be positive")
   need(c.mode in ("generative", "contrastive"), f"mode {c.mode!r}: generative | contrastive")
+  need(0 <= c.model.drop_path < 1, f"model.drop_path {c.model.drop_path}: in [0, 1)")
+  if c.model.drop_path:
+    from qwenvl_jax.convert.loader import model_config
+    try:
+      model_config(c)
+    except ValueError as e:
+      need(False, str(e))
   fam = registry.family_of(registry.get_config(c.model.name))
   if c.mode == "contrastive":
     try:

@@ -120,10 +120,12 @@ def _family(params: dict) -> dict:
   return {k: v for k, v in params.items() if k != "contrastive"}
 
 
-def image_embeddings(model, head: ContrastiveHead, params: dict, batch: dict) -> jax.Array:
-  """`image/<arg>` arrays of the family's `pooled_vit` in `batch` -> [N, E] normalised."""
+def image_embeddings(model, head: ContrastiveHead, params: dict, batch: dict, rng=None) -> jax.Array:
+  """`image/<arg>` arrays of the family's `pooled_vit` in `batch` -> [N, E] normalised. With a `rng` (training) the
+  vision tower's stochastic parts run (InternViT's drop path)."""
   images = {k[len(IMAGE_PREFIX):]: v for k, v in batch.items() if k.startswith(IMAGE_PREFIX)}
-  features = model.apply({"params": _family(params)}, **images, method="pooled_vit")
+  train = {} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
+  features = model.apply({"params": _family(params)}, **images, method="pooled_vit", **train)
   return head.apply({"params": params["contrastive"]}, features, method="image")
 
 
@@ -135,16 +137,16 @@ def text_embeddings(model, head: ContrastiveHead, params: dict, text_ids: jax.Ar
   return head.apply({"params": params["contrastive"]}, features, method="text")
 
 
-def embed(model, head: ContrastiveHead, params: dict, batch: dict):
+def embed(model, head: ContrastiveHead, params: dict, batch: dict, rng=None):
   """-> (image embeddings [N, E], text embeddings [N, E], scale, bias). batch: `image/<arg>` arrays of the family's
-  `pooled_vit`, text_ids [N, L], text_mask [N, L]."""
+  `pooled_vit`, text_ids [N, L], text_mask [N, L]; rng: training (see `image_embeddings`)."""
   scale, bias = head.apply({"params": params["contrastive"]}, method="scale_bias")
-  return (image_embeddings(model, head, params, batch),
+  return (image_embeddings(model, head, params, batch, rng),
           text_embeddings(model, head, params, batch["text_ids"], batch["text_mask"]), scale, bias)
 
 
-def contrastive_loss(model, head: ContrastiveHead, params: dict, batch: dict) -> jax.Array:
-  img, txt, scale, bias = embed(model, head, params, batch)
+def contrastive_loss(model, head: ContrastiveHead, params: dict, batch: dict, rng=None) -> jax.Array:
+  img, txt, scale, bias = embed(model, head, params, batch, rng)
   return clip_loss(img, txt, scale) if head.spec.loss == "clip" else siglip_loss(img, txt, scale, bias)
 
 

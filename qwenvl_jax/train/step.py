@@ -116,7 +116,8 @@ def contrastive_step(state: TrainState, batch: dict, *, model, head, tx: optax.G
   """One optimizer step of the contrastive stage (`train/contrastive.py`) over the global batch of image-text pairs
   (every other pair of the batch is a negative)."""
   from qwenvl_jax.train.contrastive import contrastive_loss
-  loss, grads = jax.value_and_grad(lambda p: contrastive_loss(model, head, p, batch))(state.params)
+  rng = jax.random.fold_in(state.rng, state.step)  # this step's stochastic depth (InternViT's drop path)
+  loss, grads = jax.value_and_grad(lambda p: contrastive_loss(model, head, p, batch, rng))(state.params)
   new, metrics = apply_gradients(state, grads, loss, tx=tx, schedule=schedule, opts=opts)
   scale, _ = head.apply({"params": new.params["contrastive"]}, method="scale_bias")
   n = jnp.float32(batch["text_ids"].shape[0])

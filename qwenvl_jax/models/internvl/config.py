@@ -47,6 +47,7 @@ class InternVisionConfig:
   hidden_act: str = "gelu"
   layer_scale_init_value: float = 0.1
   use_mean_pooling: bool = True     # False: a final LayerNorm after the blocks (`layernorm`)
+  drop_path_rate: float = 0.0       # stochastic depth when training (the last block's rate; InternViT's linspace)
 
   @property
   def grid(self) -> int:
@@ -127,7 +128,7 @@ class InternVLConfig:
                    mlp_dim=v.intermediate_size, activation=v.hidden_act, eps=v.layer_norm_eps, dtype=self.dtype,
                    param_dtype=self.param_dtype, scan=self.scan_layers, remat=self.remat_policy, norm=v.norm_type,
                    layer_scale=v.layer_scale_init_value or 1.0, qk_norm=v.use_qk_norm,
-                   qkv_bias=v.attention_bias)
+                   qkv_bias=v.attention_bias, drop_path=v.drop_path_rate)
 
   @property
   def stop_ids(self) -> tuple[int, ...]:
@@ -156,6 +157,7 @@ class InternVLConfig:
     need(abs(1 / self.downsample_ratio - self.merge) < 1e-6 and v.grid % self.merge == 0,
          f"downsample_ratio {self.downsample_ratio} must be 1/k with k dividing the {v.grid}-patch grid")
     need(v.norm_type in ("layer_norm", "rms_norm"), f"vision norm_type {v.norm_type!r}: layer_norm | rms_norm")
+    need(0 <= v.drop_path_rate < 1, f"vision drop_path_rate {v.drop_path_rate}: in [0, 1)")
     need(v.hidden_act in ACTIVATIONS and self.projector_hidden_act in ACTIVATIONS,
          f"activations {v.hidden_act!r} / {self.projector_hidden_act!r} not in {sorted(ACTIVATIONS)}")
     need(self.vision_feature_layer == -1,
@@ -202,7 +204,7 @@ _TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
               "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
               "bos_token_id", "eos_token_id", "pad_token_id")
 _VISION_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels",
-                "layer_norm_eps", "hidden_act", "norm_type", "use_mean_pooling")
+                "layer_norm_eps", "hidden_act", "norm_type", "use_mean_pooling", "drop_path_rate")
 # the original InternViT config's names for the same fields
 _ORIGINAL_VISION = {"qkv_bias": "attention_bias", "qk_normalization": "use_qk_norm",
                     "initializer_factor": "layer_scale_init_value"}

@@ -47,14 +47,15 @@ class InternVL(nn.Module):
     """[N, 3, S, S] -> [N, 1 + g*g, W]."""
     return self.vision(pixel_values)
 
-  def encode_images(self, pixel_values: jax.Array) -> jax.Array:
+  def encode_images(self, pixel_values: jax.Array, deterministic: bool = True) -> jax.Array:
     """[N, 3, S, S] normalised tiles -> [N, tokens_per_tile, hidden_size]."""
-    return self.projector(pixel_shuffle(self.vision(pixel_values)[:, 1:], self.cfg.merge))
+    vit = self.vision(pixel_values, deterministic=deterministic)
+    return self.projector(pixel_shuffle(vit[:, 1:], self.cfg.merge))
 
-  def pooled_vit(self, pixel_values: jax.Array) -> jax.Array:
+  def pooled_vit(self, pixel_values: jax.Array, deterministic: bool = True) -> jax.Array:
     """[N, 3, S, S] -> [N, W]: the patch tokens averaged, class token left out (the contrastive stage's image
-    feature; InternViT's `use_mean_pooling`)."""
-    return self.vision(pixel_values)[:, 1:].mean(axis=1)
+    feature; InternViT's `use_mean_pooling`). deterministic=False: drop path as configured."""
+    return self.vision(pixel_values, deterministic=deterministic)[:, 1:].mean(axis=1)
 
   def project(self, hidden: jax.Array) -> jax.Array:
     """[..., D] final hidden states -> [..., vocab] logits (the embedding matrix when tied)."""
@@ -71,8 +72,8 @@ class InternVL(nn.Module):
     attention_mask: [B, S] 1 = real token. positions: [B, S] (default: each row's real tokens counted from 0,
     continuing after the cache's). segment_ids: [B, S] packed samples. pixel_values: [N, 3, S, S] tiles whose
     features fill the `<IMG_CONTEXT>` tokens in order (extra tiles, e.g. bucket padding, are never read).
+    inference=False (training): InternViT's drop path as configured (the 'dropout' rng).
     """
-    del inference  # no inference-only behaviour
     c = self.cfg
     b, s = input_ids.shape
     valid = jnp.ones((b, s), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -82,7 +83,7 @@ class InternVL(nn.Module):
         positions = positions + cache.next_pos[:, None]
     x = self.wte(input_ids)
     if pixel_values is not None:
-      feats = self.encode_images(pixel_values)
+      feats = self.encode_images(pixel_values, deterministic=inference)  # training: drop path as configured
       ids = jnp.where(valid, input_ids, -1)  # padding never takes a feature row
       x = scatter_placeholders(x, ids, feats.reshape(-1, feats.shape[-1]), c.image_token_id)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))

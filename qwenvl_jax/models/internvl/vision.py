@@ -28,8 +28,9 @@ class InternViT(nn.Module):
   cfg: InternVLConfig
 
   @nn.compact
-  def __call__(self, pixels: jax.Array) -> jax.Array:
-    """pixels: [N, 3, H, W] normalised tiles -> [N, 1 + (H/p)*(W/p), W] (class token first)."""
+  def __call__(self, pixels: jax.Array, deterministic: bool = True) -> jax.Array:
+    """pixels: [N, 3, H, W] normalised tiles -> [N, 1 + (H/p)*(W/p), W] (class token first). deterministic=False:
+    stochastic depth at the config's drop_path_rate (the 'dropout' rng)."""
     v, spec = self.cfg.vision, self.cfg.vit
     if pixels.ndim != 4 or pixels.shape[1] != v.num_channels:
       raise ValueError(f"pixel_values must be [N, {v.num_channels}, H, W], got shape {tuple(pixels.shape)}")
@@ -50,7 +51,7 @@ class InternViT(nn.Module):
     pos = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("pos", "vit_embed")),
                      (1 + v.grid ** 2, w), param_dtype)
     table = jnp.concatenate([pos[:1], resize_square_table(pos[1:], x.shape[1] - 1)], axis=0)
-    x = vit_trunk(spec, x + table.astype(dtype))
+    x = vit_trunk(spec, x + table.astype(dtype), deterministic=deterministic)
     if not v.use_mean_pooling:
       x = LayerNorm(v.layer_norm_eps, "vit_embed", name="ln_post", **spec.kw)(x)
     return x

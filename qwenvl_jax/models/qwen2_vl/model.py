@@ -55,9 +55,11 @@ class Qwen2VL(nn.Module):
     """[P, C*T*p*p] patches (+ [P, 2] rows/columns, [P] segments) -> [P / merge^2, hidden_size]."""
     return self.merger(self.visual(patches, rows_cols, segments))
 
-  def pooled_vit(self, pixel_values, vision_rows_cols, vision_segments) -> jax.Array:
+  def pooled_vit(self, pixel_values, vision_rows_cols, vision_segments, deterministic: bool = True) -> jax.Array:
     """Images of one size as rows: [N, P, C*T*p*p], [N, P, 2], [N, P] -> [N, embed_dim], each image's ViT tokens
-    averaged over its patches (segments > 0) (the contrastive stage's image feature)."""
+    averaged over its patches (segments > 0) (the contrastive stage's image feature; this ViT has no stochastic
+    part, so `deterministic` changes nothing)."""
+    del deterministic
     x = self.visual(pixel_values, vision_rows_cols, vision_segments)
     w = (vision_segments > 0).astype(x.dtype)[..., None]
     return (x * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1)

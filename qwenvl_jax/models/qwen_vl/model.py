@@ -49,8 +49,10 @@ class QwenVL(nn.Module):
     """[N, 3, H, W] normalised pixels -> [N, n_queries, hidden_size]."""
     return self.resampler(self.visual(pixel_values))
 
-  def pooled_vit(self, pixel_values: jax.Array) -> jax.Array:
-    """[N, 3, H, W] -> [N, width]: the ViT tokens averaged (the contrastive stage's image feature)."""
+  def pooled_vit(self, pixel_values: jax.Array, deterministic: bool = True) -> jax.Array:
+    """[N, 3, H, W] -> [N, width]: the ViT tokens averaged (the contrastive stage's image feature; this ViT has no
+    stochastic part, so `deterministic` changes nothing)."""
+    del deterministic
     return self.visual(pixel_values).mean(axis=1)
 
   def project(self, hidden: jax.Array) -> jax.Array:
