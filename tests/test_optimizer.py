@@ -12,8 +12,8 @@ import numpy as np
 import optax
 import pytest
 
+from qwenvl_jax.models.qwen_vl import FAMILY
 from qwenvl_jax.models.qwen_vl.config import QWEN_VL_TINY, param_groups
-from qwenvl_jax.models.qwen_vl.model import abstract_params
 from qwenvl_jax.train.optimizer import make_optimizer, path_str, schedule
 
 VIT_LAYERS = 3
@@ -45,12 +45,12 @@ def flat(tree) -> dict:
 
 @pytest.fixture(scope="module", params=[True, False], ids=["scan", "unscanned"])
 def params(request):
-  return random_tree(abstract_params(tiny_cfg(request.param)), seed=0, low=0.01, high=0.1)
+  return random_tree(FAMILY.abstract_params(tiny_cfg(request.param)), seed=0, low=0.01, high=0.1)
 
 
 @pytest.fixture(scope="module")
 def scanned_params():
-  return random_tree(abstract_params(tiny_cfg(True)), seed=0, low=0.01, high=0.1)
+  return random_tree(FAMILY.abstract_params(tiny_cfg(True)), seed=0, low=0.01, high=0.1)
 
 
 def jit_update(tx):

@@ -12,8 +12,9 @@ import pytest
 from qwenvl_jax.data.images import ImageError
 from qwenvl_jax.data.pipeline import DataConfig, DataPipeline, SampleEncoder
 from qwenvl_jax.data.tokenizer import train_sentencepiece
+from qwenvl_jax.models.qwen_vl import FAMILY
 from qwenvl_jax.models.qwen_vl.config import QWEN_VL_TINY
-from qwenvl_jax.models.qwen_vl.model import QwenVL, init_params
+from qwenvl_jax.models.qwen_vl.model import QwenVL
 
 WORDS = "red green blue circle square triangle what color shape how many is the a and of record".split()
 
@@ -200,7 +201,7 @@ def test_pretrain_mode(tok):
 def test_model_sees_packed_samples_in_isolation(tok):
   """Logits of a packed row equal those of each sample run alone: segments, positions and image slots agree."""
   cfg = QWEN_VL_TINY.replace(vocab_size=tok.vocab_size, visual=dict(image_start_id=tok.img_start_id))
-  params = init_params(cfg, jax.random.key(0))
+  params = FAMILY.init_params(cfg, jax.random.key(0))
   model = QwenVL(cfg)
   apply = jax.jit(lambda ids, **kw: model.apply({"params": params}, ids, inference=False, **kw))
   dcfg = config(image_size=112, seq_len=224, max_images=3, batch_size=1)

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from qwenvl_jax.models.qwen_vl.model import abstract_params
+from qwenvl_jax.models.qwen_vl import FAMILY
 from qwenvl_jax.sharding import logical_to_sharding, make_mesh
 from qwenvl_jax.train.config import base_config
 from qwenvl_jax.train.loop import initial_params, model_config
@@ -24,7 +24,7 @@ def _assert_same(a, b):
 def test_init_from_hf_and_from_model_checkpoint(fixture_dir, tiny_model, tmp_path):
   c = _config("hf", fixture_dir)
   cfg = model_config(c)
-  shardings = logical_to_sharding(abstract_params(cfg, boxed=True), make_mesh(1, 1, 1))
+  shardings = logical_to_sharding(FAMILY.abstract_params(cfg, boxed=True), make_mesh(1, 1, 1))
   _assert_same(initial_params(c, cfg, shardings), tiny_model.params)
   tiny_model.save(str(tmp_path / "ckpt"))
   _assert_same(initial_params(_config("checkpoint", str(tmp_path / "ckpt")), cfg, shardings), tiny_model.params)

@@ -153,9 +153,9 @@ def test_nonfinite_stop(env, tmp_path):
   from jax.sharding import SingleDeviceSharding
 
   from qwenvl_jax.convert.checkpoint import load_training_params as latest_params
+  from qwenvl_jax.models.qwen_vl import FAMILY
   from qwenvl_jax.models.qwen_vl.config import get_config
-  from qwenvl_jax.models.qwen_vl.model import abstract_params
-  abstract = abstract_params(get_config("qwen_vl_demo", dtype="float32"))
+  abstract = FAMILY.abstract_params(get_config("qwen_vl_demo", dtype="float32"))
   restored, step = latest_params(str(wd), abstract, jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]),
                                                                   abstract))
   assert step == good

@@ -15,8 +15,9 @@ import optax
 import pytest
 from jax.extend import core as jex_core
 
+from qwenvl_jax.models.qwen_vl import FAMILY
 from qwenvl_jax.models.qwen_vl.config import QWEN_VL_TINY
-from qwenvl_jax.models.qwen_vl.model import QwenVL, abstract_params
+from qwenvl_jax.models.qwen_vl.model import QwenVL
 from qwenvl_jax.train.loss import chunked_token_losses, next_token_targets
 from qwenvl_jax.train.optimizer import path_str, schedule
 from qwenvl_jax.train.step import StepOptions, TrainState, flops_per_step, train_step
@@ -46,7 +47,7 @@ def random_params(seed=0):
     if name.endswith("/scale"):
       return jnp.asarray(1 + 0.1 * rs.randn(*x.shape), jnp.float32)
     return jnp.asarray(0.1 * rs.randn(*x.shape), jnp.float32)
-  return jax.tree_util.tree_map_with_path(one, abstract_params(CFG))
+  return jax.tree_util.tree_map_with_path(one, FAMILY.abstract_params(CFG))
 
 
 # (image?, prompt tokens, answer tokens, task id) per packed sample; the rest of a row is padding.
@@ -373,7 +374,7 @@ def test_flops_match_traced_matmuls():
   c = FLOPS_CFG
   b, s, n = 2, 16, 3
   model = QwenVL(c)
-  ap = abstract_params(c)
+  ap = FAMILY.abstract_params(c)
   ids = jax.ShapeDtypeStruct((b, s), jnp.int32)
   pix = jax.ShapeDtypeStruct((n, 3, 28, 28), jnp.float32)
   with_images = dot_flops(jax.make_jaxpr(

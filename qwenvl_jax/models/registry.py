@@ -28,8 +28,6 @@ class Family:
   to_json_dict: Callable[[Any], dict]
   module: Callable[[Any], Any]                 # cfg -> Flax module
   example_call: Callable[[Any], tuple]         # cfg -> (args, kwargs) of a module call reaching every parameter
-  init_params: Callable[..., Any]              # (cfg, rng, boxed=False) -> params
-  abstract_params: Callable[..., Any]          # (cfg, boxed=False) -> ShapeDtypeStruct tree
   hf_slots: Callable[[Any], dict]              # cfg -> {HF key: Slot} (models/rules.py)
   ignored_hf_keys: Any                         # compiled regex of HF buffers skipped on import
   processor: Callable[..., Any]                # (cfg, **overrides) -> processor
@@ -46,6 +44,19 @@ class Family:
   # (folder, config.json dict) -> {field: value}
   folder_fields: Callable[[str, dict], dict] = lambda folder, d: {}
   hf_export_config: Callable[[Any], Any] = lambda cfg: cfg   # cfg -> the config whose name map export writes
+
+  def init_params(self, cfg, rng, boxed: bool = False):
+    """Random parameters of `cfg`'s module (through a call reaching every parameter); `boxed=True` keeps the
+    logical-axis metadata."""
+    import flax.linen as nn
+    args, kw = self.example_call(cfg)
+    params = self.module(cfg).init(rng, *args, **kw)["params"]
+    return params if boxed else nn.meta.unbox(params)
+
+  def abstract_params(self, cfg, boxed: bool = False):
+    """Shapes and dtypes of every parameter (a tree of ShapeDtypeStruct); nothing is allocated."""
+    import jax
+    return jax.eval_shape(lambda: self.init_params(cfg, jax.random.key(0), boxed=boxed))
 
   def get_config(self, name, **overrides):
     if isinstance(name, self.config_class):

@@ -105,18 +105,6 @@ def example_call(cfg: InternVLConfig) -> tuple[tuple, dict]:
   return (jnp.zeros((1, 4), jnp.int32),), dict(pixel_values=jnp.zeros((1, 3, s, s), jnp.float32))
 
 
-def init_params(cfg: InternVLConfig, rng: jax.Array, boxed: bool = False):
-  """Random parameters. `boxed=True` keeps the logical-axis metadata."""
-  args, kw = example_call(cfg)
-  params = InternVL(cfg).init(rng, *args, **kw)["params"]
-  return params if boxed else nn.meta.unbox(params)
-
-
-def abstract_params(cfg: InternVLConfig, boxed: bool = False):
-  """Shapes and dtypes of every parameter (a tree of ShapeDtypeStruct); nothing is allocated."""
-  return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), boxed=boxed))
-
-
 def image_flops(cfg: InternVLConfig, processor=None) -> float:
   """Forward matmul FLOPs of one tile's vision path (at the processor's tile size; default the config's): patch
   embedding 2*P*Cin*W; per block 8*T*W^2 + 4*M*T*W + 4*T^2*W (T = P + 1 tokens with the class token); projector

@@ -8,7 +8,7 @@ FAMILY = Family(
     from_hf_dict=config.from_hf_dict, to_hf_dict=config.to_hf_dict,
     from_json_dict=config.from_json_dict, to_json_dict=config.to_json_dict,
     example_call=model.example_call,
-    module=model.Qwen2VL, init_params=model.init_params, abstract_params=model.abstract_params,
+    module=model.Qwen2VL,
     hf_slots=params.hf_slots, ignored_hf_keys=params.IGNORED_HF_KEYS,
     processor=processor.Qwen2VLProcessor.for_config,
     processor_from_pretrained=lambda folder, cfg, **kw: processor.Qwen2VLProcessor.from_pretrained(folder, cfg, **kw),

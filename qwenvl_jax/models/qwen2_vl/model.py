@@ -123,18 +123,6 @@ def example_call(cfg: Qwen2VLConfig) -> tuple[tuple, dict]:
       vision_segments=jnp.ones((n,), jnp.int32))
 
 
-def init_params(cfg: Qwen2VLConfig, rng: jax.Array, boxed: bool = False):
-  """Random parameters. `boxed=True` keeps the logical-axis metadata."""
-  args, kw = example_call(cfg)
-  params = Qwen2VL(cfg).init(rng, *args, **kw)["params"]
-  return params if boxed else nn.meta.unbox(params)
-
-
-def abstract_params(cfg: Qwen2VLConfig, boxed: bool = False):
-  """Shapes and dtypes of every parameter (a tree of ShapeDtypeStruct); nothing is allocated."""
-  return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), boxed=boxed))
-
-
 def vision_flops(cfg: Qwen2VLConfig, patches: int, attention_pairs: int | None = None) -> float:
   """Forward matmul FLOPs of the vision path over `patches` patches, attention over `attention_pairs` (query, key)
   pairs (the sum of squared segment lengths; default: one segment of all patches): patch embedding 2*P*Cin*W;

@@ -118,24 +118,6 @@ def example_call(cfg: QwenVLConfig) -> tuple[tuple, dict]:
   return (ids,), {"pixel_values": pixels, "inference": False}
 
 
-def init_params(cfg: QwenVLConfig, rng: jax.Array, boxed: bool = False):
-  """Random parameters (official-style initialisers). `boxed=True` keeps the logical-axis metadata."""
-  args, kw = example_call(cfg)
-  variables = QwenVL(cfg).init(rng, *args, **kw)
-  params = variables["params"]
-  return params if boxed else nn.meta.unbox(params)
-
-
-def abstract_params(cfg: QwenVLConfig, boxed: bool = False):
-  """Shapes and dtypes of every parameter (a tree of ShapeDtypeStruct); nothing is allocated."""
-  return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), boxed=boxed))
-
-
-def count_params(cfg: QwenVLConfig) -> int:
-  """Number of parameters (the resampler's fixed sin-cos table included, as in the official checkpoint)."""
-  return sum(int(x.size) for x in jax.tree.leaves(abstract_params(cfg)))
-
-
 def image_flops(cfg: QwenVLConfig, processor) -> float:
   """Forward matmul FLOPs of one image at the processor's resolution (P patches of width W, MLP width M, Q queries):
   patch embedding 2*P*3p^2*W; per ViT block 8*P*W^2 + 4*M*P*W + 4*P^2*W; resampler kv_proj 2*P*W*D, k/v 4*P*D^2,
