@@ -18,8 +18,8 @@ from qwenvl_jax.data.hf_tokenizer import HFTokenizer
 from qwenvl_jax.data.patch_packing import assemble_batch, budget_for, num_patches, pack_batches
 from qwenvl_jax.data.pipeline import DataConfig, build_patch_dataset
 from qwenvl_jax.data.shapes import ShapesSource
-from qwenvl_jax.models.qwen2_vl.processor import Qwen2VLProcessor
 from qwenvl_jax.models.qwen2_vl.inputs import qwen2_grounding
+from qwenvl_jax.models.qwen2_vl.processor import Qwen2VLProcessor
 from qwenvl_jax.models.qwen2_vl.samples import Qwen2VLSampleEncoder
 
 SIDES = (40, 150)  # shapes images of 40-150 px sides: 4 to 25 merged tokens each under max_pixels 112 * 112

@@ -25,12 +25,19 @@ from qwenvl_jax.models import registry
 from qwenvl_jax.sharding import LOGICAL_RULES, make_mesh
 from qwenvl_jax.train.activations import activation_bytes
 from qwenvl_jax.train.checkpointing import TrainCheckpointer
+from qwenvl_jax.train.config import spec_of
+from qwenvl_jax.train.contrastive import ContrastiveHead
 from qwenvl_jax.train.optimizer import make_optimizer
 from qwenvl_jax.train.sigterm import Interrupted, SigtermGuard
 from qwenvl_jax.train.state import bytes_per_device, create_state, state_shardings
-from qwenvl_jax.train.config import spec_of
-from qwenvl_jax.train.contrastive import ContrastiveHead
-from qwenvl_jax.train.step import StepOptions, contrastive_flops, contrastive_step, fed_flops, flops_per_step, train_step
+from qwenvl_jax.train.step import (
+  StepOptions,
+  contrastive_flops,
+  contrastive_step,
+  fed_flops,
+  flops_per_step,
+  train_step,
+)
 
 log = logging.getLogger("qwenvl_jax.train")
 
