@@ -108,7 +108,7 @@ TINY_CONFIG = textwrap.dedent('''\
       c = base_config()
       c.model.name = "qwen_vl_demo"
       c.model.dtype = "float32"
-      c.data.update(source="shapes", tokenizer="shapes", image_size=112, seq_len=128, max_images=2, batch_size=4,
+      c.data.update(source="shapes", tokenizer="shapes", image_size=56, seq_len=128, max_images=2, batch_size=4,
                     num_records=256, packing_window=64, num_threads=1, mode="chat")
       c.optim.update(lr=1e-3, min_lr=1e-4, warmup_steps=0, total_steps=3, loss_chunk=64,
                      freeze=STAGE_FREEZE["stage2"])
@@ -181,7 +181,7 @@ def test_two_process_train_py_matches_one_process(tmp_path, family):
   fed = [r for i in range(2) for r in outs[i][0] if "local_rows" in r]
   assert len(fed) == 6 and all(r["local_rows"] == 2 and r["global_rows"] == 4 for r in fed)
   with np.load(record / "batch_1.npz") as b:
-    pixels = (4, 2, 3, 112, 112) if family == "qwen_vl" else (4, 192, 1176)  # images per row / patches per row
+    pixels = (4, 2, 3, 56, 56) if family == "qwen_vl" else (4, 192, 1176)  # images per row / patches per row
     assert b["input_ids"].shape == (4, 128) and b["pixel_values"].shape == pixels
     assert not np.array_equal(b["input_ids"][:2], b["input_ids"][2:])  # the halves are different data
     assert not np.array_equal(b["pixel_values"][:2], b["pixel_values"][2:])

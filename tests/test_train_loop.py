@@ -109,7 +109,8 @@ def test_sigterm_saves_exits_0_and_resumes(reference, env, tmp_path):
     proc.wait()
   out = (tmp_path / "run.out").read_text()
   assert proc.returncode == 0, out + (tmp_path / "run.err").read_text()
-  m = re.search(r"SIGTERM: saved step (\d+), exiting", out)
+  # between two steps the signal may find the loop waiting for the next batch: it saves the same step then
+  m = re.search(r"SIGTERM(?: while waiting for data)?: saved step (\d+), exiting", out)
   assert m, out
   n = int(m.group(1))
   assert 3 <= n < TOTAL
