@@ -55,8 +55,10 @@ def test_resume_is_bitwise_exact_and_the_head_is_trained(runs):
   state = load_state(d / "full", 6)
   assert_identical(state, load_state(d / "part", 6))
   first = load_state(d / "full", 3)
-  for key in ("params/contrastive/logit_scale", "params/contrastive/img_proj/kernel"):
-    assert not np.array_equal(state[key], first[key]), key  # the head and its temperature learn
+  for key in ("params/contrastive/logit_scale", "params/contrastive/img_proj/kernel",
+              "params/contrastive/txt_proj/kernel", "params/visual/layers/attn/q/kernel",
+              "params/decoder/layers/attn/q/kernel"):
+    assert not np.array_equal(state[key], first[key]), key  # the head, its temperature and both towers learn
   assert subtree(state, "params/visual/") and subtree(state, "params/decoder/")
 
 
