@@ -64,13 +64,11 @@ def run_contrastive(c, checkpoint: str, split: str, out: str) -> dict:
   from qwenvl_jax.data.tokenizer import load_tokenizer
   from qwenvl_jax.evals.contrastive import evaluate_contrastive
   from qwenvl_jax.models import registry
-  from qwenvl_jax.train.config import spec_of
-  from qwenvl_jax.train.contrastive import ContrastiveHead
-  from qwenvl_jax.train.loop import model_config, processor_for
+  from qwenvl_jax.train.loop import contrastive_head, model_config, processor_for
   from qwenvl_jax.train.state import abstract_params
 
   cfg = model_config(c)
-  fam, head = registry.family_of(cfg), ContrastiveHead(spec_of(c))
+  fam, head = registry.family_of(cfg), contrastive_head(c)
   abstract = abstract_params(cfg, head)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   params, step = load_training_params(checkpoint, abstract, jax.tree.map(lambda _: device, abstract))

@@ -74,6 +74,11 @@ def processor_for(c, cfg):
   return fam.processor(cfg, image_size=c.data.image_size)
 
 
+def contrastive_head(c) -> ContrastiveHead | None:
+  """The projections and temperature a contrastive stage trains with the model (None in generative mode)."""
+  return ContrastiveHead(spec_of(c)) if c.get("mode") == "contrastive" else None
+
+
 def mesh_from(c, devices=None):
   return make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
 
@@ -140,8 +145,6 @@ def data_pipeline(c, tok, processor, seed_offset: int = 0):
   per_host = d.batch_size // jax.process_count()
   cfg = model_config(c)
   if c.mode == "contrastive":  # image-caption pairs at one size (train/contrastive.py)
-    import functools
-
     from qwenvl_jax.data.pairs import PairEncoder, build_pair_dataset
     dcfg = DataConfig(batch_size=per_host, strict=d.strict, num_threads=d.num_threads)
     image_fn = functools.partial(registry.family_of(cfg).inputs.contrastive_image, cfg, processor,
@@ -203,7 +206,7 @@ def dry_run(c) -> dict:
   if -1 in sizes:
     raise ValueError("--dry_run needs explicit mesh sizes (no -1): e.g. --config.mesh.fsdp=64")
   mesh = AbstractMesh(tuple(sizes), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
-  head = ContrastiveHead(spec_of(c)) if c.mode == "contrastive" else None
+  head = contrastive_head(c)
   abstract, sh = state_shardings(cfg, tx, mesh, head)
   r = bytes_per_device(abstract, sh)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
@@ -250,7 +253,7 @@ def _run_stage(c, workdir: str, shared_dir: str | None, guard: SigtermGuard) -> 
     raise ValueError(f"data.batch_size {c.data.batch_size} must be a multiple of the process count "
                      f"{jax.process_count()} and of the data x fsdp mesh size {batch_shards}")
   tx, sched = optimizer(c, cfg)
-  head = ContrastiveHead(spec_of(c)) if c.mode == "contrastive" else None
+  head = contrastive_head(c)
   abstract, shardings = state_shardings(cfg, tx, mesh, head)
   processor = processor_for(c, cfg)
   pipeline, tasks = data_pipeline(c, tok, processor)
