@@ -66,9 +66,11 @@ class Quantizer:
   """Quantizes float parameters leaf by leaf (on the host CPU) and places each straight into its shards on `mesh`
   (or on the first device), so no device ever holds a float copy of the model."""
 
-  def __init__(self, cfg, mode: str = "int8", mesh=None):
+  def __init__(self, cfg, mode: str = "int8", mesh=None, module=None):
+    """module: a Qwix-wrapped module whose quantized kernels to produce (default: `quantized_module(cfg, mode)`;
+    Q-LoRA passes its adapted one, `models/lora.py`)."""
     self.cfg, self.mode, self.mesh = cfg, mode, mesh
-    self.module = quantized_module(cfg, mode)
+    self.module = quantized_module(cfg, mode) if module is None else module
     boxed = abstract_quantized(cfg, self.module, boxed=True)
     self.abstract = nn.meta.unbox(boxed)
     self.shardings = logical_to_sharding(boxed, mesh) if mesh is not None else None

@@ -44,6 +44,7 @@ class Family:
   # (folder, config.json dict) -> {field: value}
   folder_fields: Callable[[str, dict], dict] = lambda folder, d: {}
   hf_export_config: Callable[[Any], Any] = lambda cfg: cfg   # cfg -> the config whose name map export writes
+  lora_targets: str = ""     # regex (full match) over module paths that LoRA adapts by default (models/lora.py)
 
   def init_params(self, cfg, rng, boxed: bool = False):
     """Random parameters of `cfg`'s module (through a call reaching every parameter); `boxed=True` keeps the

@@ -12,6 +12,9 @@ def _folder_fields(folder: str, d: dict) -> dict:
   return found
 
 
+# every linear layer of the LLM, as InternVL's own LoRA fine-tuning (its use_llm_lora)
+LORA_TARGETS = r"decoder/layers_\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))"
+
 FAMILY = Family(
     name=config.FAMILY, config_class=config.InternVLConfig, named=config.NAMED,
     from_hf_dict=config.from_hf_dict, to_hf_dict=config.to_hf_dict,
@@ -22,4 +25,4 @@ FAMILY = Family(
     processor=processor.InternVLProcessor.for_config,
     processor_from_pretrained=lambda folder, cfg, **kw: processor.InternVLProcessor.from_pretrained(folder, cfg, **kw),
     param_groups=config.param_groups, image_flops=model.image_flops, inputs=inputs,
-    hf_key_alias=params.hf_key_alias, folder_fields=_folder_fields, hf_export_config=params.export_config)
+    hf_key_alias=params.hf_key_alias, folder_fields=_folder_fields, hf_export_config=params.export_config, lora_targets=LORA_TARGETS)
