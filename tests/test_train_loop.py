@@ -253,6 +253,9 @@ def test_resolved_config_metrics_and_tensorboard(reference):
     assert 0 < x["tokens_per_s"] / x["steps_per_s"] <= BATCH * SEQ
     tasks = [k[len("loss/"):] for k in x if k.startswith("loss/")]
     assert tasks and set(tasks) <= set(TASKS), x
+    # answer-token accuracy next to each task's answer-token loss
+    assert sorted(k[len("acc/"):] for k in x if k.startswith("acc/")) == sorted(tasks), x
+    assert all(0 <= x[f"acc/{t}"] <= 1 for t in tasks), x
   # Warmup 0 -> 1e-3 over 2 steps, then cosine to 1e-4 at step 16 (logged lr = the one the step used).
   lrs = [x["lr"] for x in logged]
   assert lrs[:3] == pytest.approx([0.0, 5e-4, 1e-3], rel=1e-6)
@@ -272,5 +275,5 @@ def test_resolved_config_metrics_and_tensorboard(reference):
   for x in logged:
     assert scalars["train/loss"][x["step"]] == pytest.approx(x["loss"], rel=1e-6)
     for k in x:
-      if k.startswith("loss/"):
+      if k.startswith(("loss/", "acc/")):
         assert scalars[k][x["step"]] == pytest.approx(x[k], rel=1e-6)

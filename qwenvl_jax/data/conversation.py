@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import weakref
+
+import numpy as np
 
 from qwenvl_jax.data.hf_tokenizer import GROUNDING_TOKENS
 from qwenvl_jax.data.special_tokens import TokenizerError, check_unicode
@@ -36,6 +39,26 @@ class FormatError(ValueError):
 class Tokenized:
   ids: list[int]
   loss_mask: list[int]
+
+
+_WORDLIKE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {id: whether it is word-like}
+
+
+def answer_mask(tok, ids, loss_mask) -> np.ndarray:
+  """1 where a target token belongs to an answer's words or numbers, else 0: the tokens a model can only predict by
+  looking (or reasoning), without the structure every answer of a task shares and that any model learns at once
+  (special ids such as <|im_end|>, <|endoftext|>, <ref>, <box>; pieces without a letter or digit, e.g. "(", ",").
+  Per-task accuracy and loss over these tokens show whether a task is learned; over all targets they would not."""
+  cache = _WORDLIKE.setdefault(tok, {})
+  special = set(tok.special_ids.values())
+  out = np.zeros(len(ids), np.int32)
+  for k, (i, m) in enumerate(zip(ids, loss_mask)):
+    if m:
+      i = int(i)
+      if i not in cache:
+        cache[i] = i not in special and any(ch.isalnum() for ch in tok.decode([i]))
+      out[k] = cache[i]
+  return out
 
 
 def image_prompt(refs, start: int = 0) -> str:
@@ -216,6 +239,6 @@ def _chatml(tok, turns, system, answer_special, training: bool) -> Tokenized:
   return Tokenized(ids, mask)
 
 
-__all__ = ["DEFAULT_SYSTEM", "ENDOFTEXT", "FormatError", "Tokenized", "chatml_ids", "chatml_sample", "format_chat",
+__all__ = ["DEFAULT_SYSTEM", "ENDOFTEXT", "FormatError", "Tokenized", "answer_mask", "chatml_ids", "chatml_sample", "format_chat",
            "format_pretrain", "format_text", "image_prompt", "make_context", "normalize_roles", "split_media_prefix",
            "video_prompt"]

@@ -6,7 +6,7 @@ a loss mask, a task id per token and preprocessed images; several samples are pa
 
     input_ids    [B, L] int32     segment_ids  [B, L] int32 (0 = padding; no attention across segments)
     positions    [B, L] int32     loss_mask    [B, L] int32 (1 = token is a target)
-    task_ids     [B, L] int32 (index into `task_names` + 1; 0 = padding / unknown)
+    task_ids     [B, L] int32 (index into `task_names` + 1 on a record's answer tokens, `answer_mask`; 0 = other)
     pixel_values [B, M, 3, S, S] float32 (row b's k-th <img> span takes slot k)    image_mask [B, M] bool
 
 Samples that fail (unreadable image, too long under the 'drop' policy, too many images, a video: fixed image spans
@@ -34,6 +34,7 @@ from qwenvl_jax.data.conversation import (
   DEFAULT_SYSTEM,
   FormatError,
   Tokenized,
+  answer_mask,
   format_chat,
   format_pretrain,
   format_text,
@@ -195,7 +196,7 @@ class SampleEncoder:
     self._count("ok")
     task = self._task_index.get(record.get("task"), 0)
     return {"ids": np.asarray(t.ids, np.int32), "loss_mask": np.asarray(t.loss_mask, np.int32),
-            "task": np.full(len(t.ids), task, np.int32), "images": images}
+            "task": task * answer_mask(self.tok, t.ids, t.loss_mask), "images": images}
 
 
 def _to_batch_row(x: dict) -> dict:

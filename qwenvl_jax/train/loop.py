@@ -299,7 +299,7 @@ def _run_stage(c, workdir: str, shared_dir: str | None, guard: SigtermGuard) -> 
   peak = (c.peak_flops or measure_matmul_peak()) * jax.device_count()
   bar = _progress(start, total) if (primary and c.log.progress) else None
   window = {"loss": 0.0, "n": 0, "steps": 0, "tokens": 0.0, "flops": 0.0, "time": time.perf_counter(),
-            "task": np.zeros(len(tasks)), "task_n": np.zeros(len(tasks))}
+            "task": np.zeros(len(tasks)), "task_n": np.zeros(len(tasks)), "task_hit": np.zeros(len(tasks))}
   last: dict = {}
   step = start
   trace = _Trace(c.profile, os.path.join(workdir, "tensorboard"))
@@ -339,6 +339,7 @@ def _run_stage(c, workdir: str, shared_dir: str | None, guard: SigtermGuard) -> 
           window["n"] += 1
           window["task"] += np.asarray(m["task_loss_sum"])
           window["task_n"] += np.asarray(m["task_tokens"])
+          window["task_hit"] += np.asarray(m["task_hits"])
         window["steps"] += 1
         window["tokens"] += float(m["tokens"])
         window["flops"] += step_flops
@@ -446,11 +447,17 @@ def _log_window(w, m, step, total, peak, tasks, writer, bar) -> dict:
   out = {"loss": w["loss"] / w["n"] if w["n"] else nan, "grad_norm": float(m["grad_norm"]),
          "lr": float(m["lr"]), "tokens_per_s": w["tokens"] / dt if steps else nan,
          "steps_per_s": steps / dt if steps else nan, "mfu": w["flops"] / dt / peak if steps else nan}
+  # per task over its answer tokens only (the data's task ids): teacher-forced arg-max accuracy and loss
+  per_task = []
   for i, name in enumerate(tasks):
     if w["task_n"][i] > 0:
       out[f"loss/{name}"] = float(w["task"][i] / w["task_n"][i])
+      out[f"acc/{name}"] = float(w["task_hit"][i] / w["task_n"][i])
+      per_task.append(f"{name} {out[f'acc/{name}']:.2f}/{out[f'loss/{name}']:.2f}")
   line = (f"step {step}/{total}  loss {out['loss']:.4f}  grad_norm {out['grad_norm']:.3f}  lr {out['lr']:.2e}  "
           f"tokens/s {out['tokens_per_s']:.0f}  mfu {out['mfu']:.2%}")
+  if per_task:
+    line += "\n  answer tokens acc/loss: " + "  ".join(per_task)
   if "logit_scale" in m:  # the contrastive stage's learned temperature (1 / scale)
     out["logit_scale"] = float(m["logit_scale"])
     line += f"  logit_scale {out['logit_scale']:.2f}"
@@ -464,7 +471,7 @@ def _log_window(w, m, step, total, peak, tasks, writer, bar) -> dict:
         writer.add_scalar(k if "/" in k else f"train/{k}", v, step)
     writer.flush()
   w.update(loss=0.0, n=0, steps=0, tokens=0.0, flops=0.0, time=time.perf_counter(), task=np.zeros_like(w["task"]),
-           task_n=np.zeros_like(w["task_n"]))
+           task_n=np.zeros_like(w["task_n"]), task_hit=np.zeros_like(w["task_hit"]))
   return out
 
 

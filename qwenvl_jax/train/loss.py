@@ -19,9 +19,11 @@ def next_token_targets(input_ids, loss_mask, segment_ids):
   return targets, weights.astype(jnp.float32)
 
 
-def chunked_token_losses(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, chunk: int = 512):
+def chunked_token_losses(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, chunk: int = 512,
+                         with_hits: bool = False):
   """hidden [B, S, D] (final, after ln_f), kernel [D, V] (lm_head), targets [B, S] ->
-  (cross-entropy [B, S], log-partition lse [B, S]), both float32."""
+  (cross-entropy [B, S], log-partition lse [B, S]), both float32; with_hits adds hits [B, S] float32: 1 where the
+  target is the arg-max (greedy decoding would write it; a tie counts as a hit)."""
   b, s, d = hidden.shape
   chunk = min(chunk, s)
   pad = (-s) % chunk
@@ -37,9 +39,9 @@ def chunked_token_losses(hidden: jax.Array, kernel: jax.Array, targets: jax.Arra
     logits = jnp.einsum("bcd,dv->bcv", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-    return lse - picked, lse
+    hit = (picked >= jnp.max(logits, axis=-1)).astype(jnp.float32)
+    return lse - picked, lse, hit
 
-  ce, lse = jax.lax.map(lambda x: one(*x), (hs, ts))
-  ce = ce.swapaxes(0, 1).reshape(b, -1)[:, :s]
-  lse = lse.swapaxes(0, 1).reshape(b, -1)[:, :s]
-  return ce, lse
+  out = jax.lax.map(lambda x: one(*x), (hs, ts))
+  ce, lse, hit = (x.swapaxes(0, 1).reshape(b, -1)[:, :s] for x in out)
+  return (ce, lse, hit) if with_hits else (ce, lse)

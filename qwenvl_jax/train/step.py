@@ -31,11 +31,12 @@ class StepOptions:
   loss_chunk: int = 512        # sequence chunk of the chunked cross-entropy
   z_loss: float = 0.0          # weight of lse**2 (keeps the softmax normaliser near 0)
   skip_nonfinite: bool = False  # True: a step with NaN/Inf loss or gradients leaves the state unchanged
-  num_tasks: int = 0           # per-task loss sums for task ids 1..num_tasks
+  num_tasks: int = 0           # per-task answer-token loss and hit sums for task ids 1..num_tasks
 
 
 def _loss_sums(model, params, batch: dict, opts: StepOptions):
-  """-> (objective sum, (ce sum, weight sum, per-task ce sums, per-task weights))."""
+  """-> (objective sum, (ce sum, weight sum, per-task ce sums, per-task weights, per-task hits)); the per-task sums
+  count the target tokens whose task id is k (the data marks only answer tokens with one)."""
   seg = batch["segment_ids"]
   positions = batch["positions"]
   if positions.ndim == 3:  # M-RoPE ids travel batch-major [B, 3, L]; the model takes [3, B, L]
@@ -45,15 +46,19 @@ def _loss_sums(model, params, batch: dict, opts: StepOptions):
                        segment_ids=seg, pixel_values=batch.get("pixel_values"), inference=False, return_hidden=True,
                        **vision)
   targets, w = next_token_targets(batch["input_ids"], batch["loss_mask"], seg)
-  ce, lse = chunked_token_losses(hidden, output_kernel(params), targets, opts.loss_chunk)
+  ce, lse, hit = chunked_token_losses(hidden, output_kernel(params), targets, opts.loss_chunk, with_hits=True)
   ce_sum = jnp.sum(ce * w)
   objective = ce_sum + opts.z_loss * jnp.sum(jnp.square(lse) * w)
   if opts.num_tasks:
-    onehot = jax.nn.one_hot(batch["task_ids"] - 1, opts.num_tasks) * w[..., None]  # task 0 -> all zeros
-    task_ce, task_w = jnp.einsum("bs,bsk->k", ce, onehot), jnp.sum(onehot, axis=(0, 1))
+    # position t predicts token t + 1: its task is token t + 1's (0 off the answers -> a row of zeros)
+    task = jnp.concatenate([batch["task_ids"][:, 1:], jnp.zeros_like(batch["task_ids"][:, :1])], axis=1)
+    onehot = jax.nn.one_hot(task - 1, opts.num_tasks) * w[..., None]
+    hit = jax.lax.stop_gradient(hit)
+    task_ce, task_w, task_hit = (jnp.einsum("bs,bsk->k", ce, onehot), jnp.sum(onehot, axis=(0, 1)),
+                                 jnp.einsum("bs,bsk->k", hit, onehot))
   else:
-    task_ce = task_w = jnp.zeros((0,), jnp.float32)
-  return objective, (ce_sum, jnp.sum(w), task_ce, task_w)
+    task_ce = task_w = task_hit = jnp.zeros((0,), jnp.float32)
+  return objective, (ce_sum, jnp.sum(w), task_ce, task_w, task_hit)
 
 
 def output_kernel(params) -> jax.Array:
@@ -77,7 +82,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
   else:
     micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
     zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    zero_aux = (jnp.zeros(()), jnp.zeros(()), jnp.zeros((opts.num_tasks,)), jnp.zeros((opts.num_tasks,)))
+    zero_aux = (jnp.zeros(()), jnp.zeros(())) + (jnp.zeros((opts.num_tasks,)),) * 3
 
     def body(carry, mb):
       g_acc, a_acc = carry
@@ -86,12 +91,12 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
               jax.tree.map(jnp.add, a_acc, aux)), None
 
     (grads, aux), _ = jax.lax.scan(body, (zero_grads, zero_aux), micro)
-  ce_sum, n_tokens, task_ce, task_w = aux
+  ce_sum, n_tokens, task_ce, task_w, task_hit = aux
   denom = jnp.maximum(n_tokens, 1.0)
   grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
   new, metrics = apply_gradients(state, grads, ce_sum / denom, tx=tx, schedule=schedule, opts=opts)
   metrics.update(supervised_tokens=n_tokens, tokens=jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
-                 task_loss_sum=task_ce, task_tokens=task_w)
+                 task_loss_sum=task_ce, task_tokens=task_w, task_hits=task_hit)
   return new, metrics
 
 
@@ -122,7 +127,8 @@ def contrastive_step(state: TrainState, batch: dict, *, model, head, tx: optax.G
   scale, _ = head.apply({"params": new.params["contrastive"]}, method="scale_bias")
   n = jnp.float32(batch["text_ids"].shape[0])
   metrics.update(supervised_tokens=n, tokens=jnp.sum(batch["text_mask"]).astype(jnp.float32),
-                 task_loss_sum=jnp.zeros((0,)), task_tokens=jnp.zeros((0,)), logit_scale=scale)
+                 task_loss_sum=jnp.zeros((0,)), task_tokens=jnp.zeros((0,)), task_hits=jnp.zeros((0,)),
+                 logit_scale=scale)
   return new, metrics
 
 

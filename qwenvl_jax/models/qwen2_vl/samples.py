@@ -21,7 +21,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from qwenvl_jax.data.conversation import FormatError, chatml_sample, normalize_roles, split_media_prefix
+from qwenvl_jax.data.conversation import (
+  FormatError,
+  answer_mask,
+  chatml_sample,
+  normalize_roles,
+  split_media_prefix,
+)
 from qwenvl_jax.data.images import ImageError
 from qwenvl_jax.data.pipeline import DataConfig, SampleEncoder
 from qwenvl_jax.data.tokenizer import TokenizerError
@@ -84,7 +90,7 @@ class Qwen2VLSampleEncoder(SampleEncoder):
                               image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id, merge=m,
                               rule=cfg.position_rule)
     sample = {"ids": ids, "loss_mask": np.asarray(t.loss_mask, np.int32),
-              "task": np.full(len(ids), self._task_index.get(record.get("task"), 0), np.int32),
+              "task": self._task_index.get(record.get("task"), 0) * answer_mask(self.tok, t.ids, t.loss_mask),
               "positions": positions[:, 0]}
     for kind in media:
       rows_cols, segments = patch_positions(grids[kind], m)
