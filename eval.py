@@ -1,5 +1,14 @@
 """Evaluate a checkpoint: python eval.py --config=configs/<name>.py --checkpoint=DIR [--split=test] [--max_examples=N]
 
+A benchmark of the Qwen-VL paper in the official evaluation's file format (qwenvl_jax/evals/benchmarks.py):
+
+    python eval.py --benchmark textvqa --data textvqa_val.jsonl --annotations textvqa_val_annotations.json \
+        --images DIR --checkpoint CKPT [--prompt base|chat] [--max_examples N] [--batch_size B] [--strict]
+
+writes OUT/predictions.*.jsonl as it goes (a rerun with the same --out continues where it stopped) and
+OUT/metrics.json (default OUT: CHECKPOINT/bench_<benchmark>_<prompt>). Several processes (jax.distributed) each
+evaluate their block of the examples; the primary scores them all.
+
 A contrastive stage (`mode=contrastive`, e.g. configs/contrastive_demo.py) is scored zero-shot instead: image <->
 text retrieval recall@1/5 and classification over the shapes classes (qwenvl_jax/evals/contrastive.py).
 
@@ -25,6 +34,13 @@ _OUT = flags.DEFINE_string("out", None, "output folder (default: CHECKPOINT/eval
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "default: the tokenizer stored with the checkpoint")
 _MESH = flags.DEFINE_string("mesh", None, "DATA,FSDP,TENSOR device mesh (e.g. 1,1,8); default: one device")
 _QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8"], "weight-only int8 linear layers")
+_BENCHMARK = flags.DEFINE_string("benchmark", None, "a paper benchmark (evals/benchmarks.py), e.g. textvqa")
+_DATA = flags.DEFINE_string("data", None, "--benchmark: the benchmark file in the official eval_mm format")
+_IMAGES = flags.DEFINE_string("images", None, "--benchmark: the folder the file's image paths start from")
+_ANNOTATIONS = flags.DEFINE_string("annotations", None, "--benchmark: the official answers file (VQA accuracy: "
+                                   "*_annotations.json; DocVQA: val_v1.0.json)")
+_PROMPT = flags.DEFINE_enum("prompt", "base", ["base", "chat"], "--benchmark: the base or the chat model's prompt")
+_STRICT = flags.DEFINE_bool("strict", False, "--benchmark: a bad record is an error instead of skipped and counted")
 
 
 def run(c, checkpoint: str, split: str, out: str) -> dict:
@@ -88,6 +104,41 @@ def run_contrastive(c, checkpoint: str, split: str, out: str) -> dict:
   return metrics
 
 
+def run_benchmark(checkpoint: str) -> dict | None:
+  """--benchmark: read the file first (a bad file fails before the model loads), then predict, resume and score."""
+  from qwenvl_jax.evals import benchmarks as B
+
+  bench = B.get(_BENCHMARK.value)
+  if not _DATA.value:
+    raise ValueError("--benchmark needs --data (the benchmark file)")
+  examples, files, skipped = B.read(bench, _DATA.value, _IMAGES.value, _ANNOTATIONS.value, strict=_STRICT.value)
+  if _MAX.value is not None:
+    examples = examples[:_MAX.value]
+  if not os.path.exists(checkpoint):
+    raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+
+  import qwenvl_jax as qv
+  from qwenvl_jax.api import find_tokenizer
+  from qwenvl_jax.evals.bench_run import evaluate_benchmark
+
+  mesh = None
+  if _MESH.value:
+    import jax
+    if jax.process_count() > 1:
+      raise ValueError("--mesh with several processes: each process evaluates its own examples on its own devices")
+    from qwenvl_jax.sharding import parse_mesh
+    mesh = parse_mesh(_MESH.value)
+  model = qv.load(checkpoint, scan_layers=False, mesh=mesh, quantize=_QUANTIZE.value)
+  tok_path = _TOKENIZER.value or find_tokenizer(checkpoint)
+  if tok_path is None:
+    raise FileNotFoundError(f"no tokenizer found with {checkpoint}; pass --tokenizer")
+  tok = qv.load_tokenizer(tok_path, image_span=model.processor().fixed_image_tokens or 0)
+  out = _OUT.value or os.path.join(checkpoint, f"bench_{bench.name}_{_PROMPT.value}")
+  max_new = _MAX_NEW.value if flags.FLAGS["max_new_tokens"].present else None  # default: the benchmark's own
+  return evaluate_benchmark(model, tok, bench, examples, files, out, prompt=_PROMPT.value, batch_size=_BATCH.value,
+                            max_new_tokens=max_new, read_skipped=skipped)
+
+
 def _source(c, split, image_size):
   """The split of the config's data; shapes at the model's image size (fixed-span families) or the config's range of
   sides (any-resolution ones), with the config's task mix."""
@@ -110,6 +161,18 @@ def main(argv) -> int:
   absl_logging.set_verbosity(absl_logging.WARNING)
   try:
     flags.FLAGS(argv)
+    if _BENCHMARK.value:
+      if not _CHECKPOINT.value:
+        raise ValueError("--checkpoint is required")
+      for flag in (_MAX, _BATCH, _MAX_NEW):
+        if flag.value is not None and flag.value < 1:
+          raise ValueError(f"--{flag.name}={flag.value}: must be at least 1")
+      metrics = run_benchmark(_CHECKPOINT.value)
+      if metrics is not None:  # the primary process
+        name = next(k for k in metrics if k not in ("benchmark", "prompt"))
+        print(f"{metrics['benchmark']} ({metrics['prompt']} prompt): {name} {metrics[name]:.4f} "
+              f"(paper scale {metrics['score']:.2f}); {metrics['n']} examples scored, {metrics['skipped']} skipped")
+      return 0
     if _CONFIG.value is None or not _CHECKPOINT.value:
       raise ValueError("--config and --checkpoint are required")
     for flag in (_MAX, _BATCH, _MAX_NEW):  # before the model is loaded: 0 or -1 examples is no evaluation

@@ -1,9 +1,10 @@
 """Run a model over an evaluation source and score each task with its metric.
 
 Each record's last user turn is the question (earlier turns are the chat history, as in `chat`), its last assistant
-turn the reference. Task -> metric: caption, grounded_caption -> CIDEr; vqa_*, multi_image, text, chat -> VQA
-accuracy (video_* pooled as video_accuracy); grounding -> accuracy at IoU >= 0.5 of the first predicted box; ocr ->
-exact match and ANLS. Predictions are written with the data's grounding tags (`<ref>`, `<box>`) for every family.
+turn the reference. Task -> metric: caption, grounded_caption -> CIDEr; vqa_*, multi_image, text, chat -> accuracy
+against the one reference after the VQA answer processing (`metrics.answer_match`; video_* pooled as
+video_accuracy); grounding -> accuracy at IoU >= 0.5 of the first predicted box; ocr -> exact match and ANLS.
+Predictions are written with the data's grounding tags (`<ref>`, `<box>`) for every family.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def score(predictions: list[dict]) -> dict:
       pooled["ocr_exact_match"].append((em, len(items)))
       pooled["ocr_anls"].append((an, len(items)))
     else:
-      acc = float(np.mean([M.vqa_accuracy(p["prediction"], [p["reference"]]) for p in items]))
+      acc = float(np.mean([M.answer_match(p["prediction"], p["reference"]) for p in items]))
       per_task[task] = {"vqa_accuracy": acc, "n": len(items)}
       if task.startswith("video"):
         pooled["video_accuracy"].append((acc, len(items)))
