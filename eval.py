@@ -6,8 +6,9 @@ A benchmark of the Qwen-VL paper in the official evaluation's file format (qwenv
         --images DIR --checkpoint CKPT [--prompt base|chat] [--max_examples N] [--batch_size B] [--strict]
 
 writes OUT/predictions.*.jsonl as it goes (a rerun with the same --out continues where it stopped) and
-OUT/metrics.json (default OUT: CHECKPOINT/bench_<benchmark>_<prompt>). Several processes (jax.distributed) each
-evaluate their block of the examples; the primary scores them all.
+OUT/metrics.json (default OUT: CHECKPOINT/bench_<benchmark>_<prompt>). Several processes (--distributed on a TPU pod
+slice, or --coordinator_address/--num_processes/--process_id) each evaluate their block of the examples on their own
+devices (one, or --mesh over them); the primary gathers and scores them all.
 
 A contrastive stage (`mode=contrastive`, e.g. configs/contrastive_demo.py) is scored zero-shot instead: image <->
 text retrieval recall@1/5 and classification over the shapes classes (qwenvl_jax/evals/contrastive.py).
@@ -41,6 +42,12 @@ _ANNOTATIONS = flags.DEFINE_string("annotations", None, "--benchmark: the offici
                                    "*_annotations.json; DocVQA: val_v1.0.json)")
 _PROMPT = flags.DEFINE_enum("prompt", "base", ["base", "chat"], "--benchmark: the base or the chat model's prompt")
 _STRICT = flags.DEFINE_bool("strict", False, "--benchmark: a bad record is an error instead of skipped and counted")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "--benchmark: jax.distributed.initialize() (a TPU pod slice "
+                                 "tells every process the rest)")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "--benchmark: host:port of process 0, with "
+                                   "--num_processes and --process_id (several processes on other machines)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "--benchmark: with --coordinator_address")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "--benchmark: with --coordinator_address")
 
 
 def run(c, checkpoint: str, split: str, out: str) -> dict:
@@ -117,16 +124,21 @@ def run_benchmark(checkpoint: str) -> dict | None:
   if not os.path.exists(checkpoint):
     raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
 
+  import jax
+
   import qwenvl_jax as qv
   from qwenvl_jax.api import find_tokenizer
   from qwenvl_jax.evals.bench_run import evaluate_benchmark
 
+  if _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  from qwenvl_jax.sharding import parse_mesh
   mesh = None
-  if _MESH.value:
-    import jax
-    if jax.process_count() > 1:
-      raise ValueError("--mesh with several processes: each process evaluates its own examples on its own devices")
-    from qwenvl_jax.sharding import parse_mesh
+  if jax.process_count() > 1:  # each process evaluates its own examples: a mesh of its own devices (default: one)
+    mesh = parse_mesh(_MESH.value or "1,1,1", devices=jax.local_devices()[:None if _MESH.value else 1])
+  elif _MESH.value:
     mesh = parse_mesh(_MESH.value)
   model = qv.load(checkpoint, scan_layers=False, mesh=mesh, quantize=_QUANTIZE.value)
   tok_path = _TOKENIZER.value or find_tokenizer(checkpoint)

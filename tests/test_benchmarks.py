@@ -225,41 +225,71 @@ def test_prompts_and_ranking_on_the_model(tiny):
   assert runner.rank(prompt, ["A", "B"]) == int(np.argmin(losses))
 
 
-def test_eval_py_benchmark_resumes_and_counts_skips(tiny):
-  """textvqa in its official JSONL + annotations: a record without an image, one without answers and a line that
-  is not JSON are skipped and counted; a predictions file left by a killed run (its last line cut) is continued:
-  the example already predicted is not generated again, the rest are; errors are one line."""
+def _free_port() -> int:
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+def test_eval_py_benchmark_two_processes_resume_and_count_skips(tiny, tmp_path):
+  """textvqa in its official JSONL + annotations, over two processes: a record without an image, one without
+  answers and a line that is not JSON are skipped and counted; a predictions file left by a killed one-process run
+  (its last line cut) is continued: the example already predicted is not generated again; each process predicts its
+  block into its own file and the primary scores all. Errors are one line."""
+  import signal
+  import time
+
   _, _, d = tiny
   answers = {1: ["preset"] * 10, 2: ["red"] * 7 + ["pink"] * 3, 3: ["x"] * 10, 5: ["red"] * 10}
   ann = {"annotations": [{"question_id": q, "answers": [{"answer": a, "answer_id": i + 1} for i, a in enumerate(v)]}
                          for q, v in answers.items()]}
-  (d / "ann.json").write_text(json.dumps(ann))
-  data = _jsonl(d / "textvqa_val.jsonl", [
+  (tmp_path / "ann.json").write_text(json.dumps(ann))
+  data = _jsonl(tmp_path / "textvqa_val.jsonl", [
       {"question_id": 1, "image": "red.png", "question": "What color?", "answer": "red"},
       {"question_id": 2, "image": "red.png", "question": "Which color is it?", "answer": "red"},
       {"question_id": 3, "image": "missing.png", "question": "What?", "answer": "x"},
       {"question_id": 4, "image": "red.png", "question": "No answers anywhere?", "answer": "x"},
       "{not json",
       {"question_id": 5, "image": "red.png", "question": "What color is the picture?", "answer": "red"}])
-  out = d / "out"
+  out = tmp_path / "out"
   out.mkdir()
   first = {"id": "1", "prediction": "preset", "ref": ann["annotations"][0]["answers"]}
   (out / "predictions.00000-of-00001.jsonl").write_text(json.dumps(first) + '\n{"id": "2", "predic')
   cmd = [sys.executable, "eval.py", "--benchmark=textvqa", f"--data={data}", f"--images={d}",
-         f"--annotations={d / 'ann.json'}", f"--checkpoint={d / 'ckpt'}", f"--tokenizer={d / 'tok.model'}",
+         f"--annotations={tmp_path / 'ann.json'}", f"--checkpoint={d / 'ckpt'}", f"--tokenizer={d / 'tok.model'}",
          f"--out={out}", "--batch_size=2"]
-  run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=ROOT)
-  assert run.returncode == 0, run.stderr[-3000:]
-  assert "textvqa_val.jsonl:4: one answer only" in run.stderr and "image missing.png not found" in run.stderr
-  assert "textvqa_val.jsonl:5: not JSON" in run.stderr and "resuming, 1 of 3" in run.stderr
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  port = _free_port()
+  logs = [tmp_path / f"p{i}.log" for i in range(2)]
+  procs = [subprocess.Popen(cmd + [f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                                   f"--process_id={i}"], cwd=ROOT, env=env, stdout=open(logs[i], "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True) for i in range(2)]
+  deadline = time.monotonic() + 300
+  while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+    if any(p.poll() not in (None, 0) for p in procs):
+      break
+    time.sleep(0.2)
+  for p in procs:  # a peer of a failed process would wait for it
+    if p.poll() is None:
+      os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+  text = [log.read_text() for log in logs]
+  assert [p.returncode for p in procs] == [0, 0], text[0][-3000:] + text[1][-3000:]
+  assert "textvqa_val.jsonl:4: one answer only" in text[0] and "image missing.png not found" in text[0]
+  assert "textvqa_val.jsonl:5: not JSON" in text[0] and "resuming, 1 of 2" in text[0]
+  assert "textvqa (base prompt): vqa_accuracy" in text[0] and "3 examples scored, 3 skipped" in text[0]
+  assert "examples scored" not in text[1]  # only the primary scores
   metrics = json.loads((out / "metrics.json").read_text())
   assert metrics["n"] == 3 and metrics["skipped"] == 3 and metrics["prompt"] == "base"
-  lines = (out / "predictions.00000-of-00001.jsonl").read_text().splitlines()
-  preds = [json.loads(ln) for ln in lines[:1] + lines[2:]]
-  assert [p["id"] for p in preds] == ["1", "2", "5"] and preds[0]["prediction"] == "preset"
+  files = {f: (out / f).read_text().splitlines() for f in sorted(os.listdir(out)) if f.startswith("predictions")}
+  assert [json.loads(ln)["id"] for ln in files["predictions.00000-of-00002.jsonl"]] == ["2"]
+  assert [json.loads(ln)["id"] for ln in files["predictions.00001-of-00002.jsonl"]] == ["5"]
+  assert files["predictions.00000-of-00001.jsonl"][0] == json.dumps(first)  # kept, not generated again
+  preds = [json.loads(ln) for f in files.values() for ln in f if ln.endswith("}")]
   want = np.mean([M.vqa_accuracy(p["prediction"], p["ref"]) for p in preds])
   assert metrics["vqa_accuracy"] == pytest.approx(want) and metrics["vqa_accuracy"] >= 1 / 3  # "preset" scores 1
-  assert "textvqa (base prompt): vqa_accuracy" in run.stdout and "3 examples scored, 3 skipped" in run.stdout
   # a bad record under --strict, a file of another benchmark: one error line each, before the model loads
   for args, message in (([f"--data={data}", "--strict"], "textvqa_val.jsonl:id 3: image missing.png not found"),
                         ([f"--data={data}", "--benchmark=refcoco"], "no usable refcoco record")):
