@@ -6,9 +6,9 @@ A benchmark of the Qwen-VL paper in the official evaluation's file format (qwenv
         --images DIR --checkpoint CKPT [--prompt base|chat] [--max_examples N] [--batch_size B] [--strict]
 
 writes OUT/predictions.*.jsonl as it goes (a rerun with the same --out continues where it stopped) and
-OUT/metrics.json (default OUT: CHECKPOINT/bench_<benchmark>_<prompt>). Several processes (--distributed on a TPU pod
-slice, or --coordinator_address/--num_processes/--process_id) each evaluate their block of the examples on their own
-devices (one, or --mesh over them); the primary gathers and scores them all.
+OUT/metrics.json (default OUT: CHECKPOINT/bench_<benchmark>_<data file name>_<prompt>). Several processes
+(--distributed on a TPU pod slice, or --coordinator_address/--num_processes/--process_id) each evaluate their block
+of the examples on their own devices (one, or --mesh over them); the primary gathers and scores them all.
 
 A contrastive stage (`mode=contrastive`, e.g. configs/contrastive_demo.py) is scored zero-shot instead: image <->
 text retrieval recall@1/5 and classification over the shapes classes (qwenvl_jax/evals/contrastive.py).
@@ -128,12 +128,17 @@ def run_benchmark(checkpoint: str) -> dict | None:
 
   import qwenvl_jax as qv
   from qwenvl_jax.api import find_tokenizer
-  from qwenvl_jax.evals.bench_run import evaluate_benchmark
+  from qwenvl_jax.evals.bench_run import check_run, evaluate_benchmark
 
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _DISTRIBUTED.value:
     jax.distributed.initialize()
+  stem = os.path.splitext(os.path.basename(_DATA.value))[0]
+  out = _OUT.value or os.path.join(checkpoint, f"bench_{bench.name}_{stem}_{_PROMPT.value}")
+  max_new = _MAX_NEW.value if flags.FLAGS["max_new_tokens"].present else None  # default: the benchmark's own
+  check_run(out, {"benchmark": bench.name, "data": os.path.abspath(_DATA.value), "prompt": _PROMPT.value,
+                  "max_new_tokens": max_new or bench.max_new_tokens})  # before the model loads
   from qwenvl_jax.sharding import parse_mesh
   mesh = None
   if jax.process_count() > 1:  # each process evaluates its own examples: a mesh of its own devices (default: one)
@@ -145,10 +150,8 @@ def run_benchmark(checkpoint: str) -> dict | None:
   if tok_path is None:
     raise FileNotFoundError(f"no tokenizer found with {checkpoint}; pass --tokenizer")
   tok = qv.load_tokenizer(tok_path, image_span=model.processor().fixed_image_tokens or 0)
-  out = _OUT.value or os.path.join(checkpoint, f"bench_{bench.name}_{_PROMPT.value}")
-  max_new = _MAX_NEW.value if flags.FLAGS["max_new_tokens"].present else None  # default: the benchmark's own
   return evaluate_benchmark(model, tok, bench, examples, files, out, prompt=_PROMPT.value, batch_size=_BATCH.value,
-                            max_new_tokens=max_new, read_skipped=skipped)
+                            max_new_tokens=max_new, read_skipped=skipped, data=_DATA.value)
 
 
 def _source(c, split, image_size):

@@ -263,9 +263,12 @@ def test_eval_py_benchmark_two_processes_resume_and_count_skips(tiny, tmp_path):
   env.pop("XLA_FLAGS", None)
   port = _free_port()
   logs = [tmp_path / f"p{i}.log" for i in range(2)]
-  procs = [subprocess.Popen(cmd + [f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                                   f"--process_id={i}"], cwd=ROOT, env=env, stdout=open(logs[i], "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True) for i in range(2)]
+  procs = []
+  for i, log in enumerate(logs):
+    with open(log, "w") as f:  # the child keeps its own copy of the descriptor
+      procs.append(subprocess.Popen(cmd + [f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                                           f"--process_id={i}"], cwd=ROOT, env=env, stdout=f,
+                                    stderr=subprocess.STDOUT, start_new_session=True))
   deadline = time.monotonic() + 300
   while time.monotonic() < deadline and any(p.poll() is None for p in procs):
     if any(p.poll() not in (None, 0) for p in procs):
@@ -287,12 +290,15 @@ def test_eval_py_benchmark_two_processes_resume_and_count_skips(tiny, tmp_path):
   assert [json.loads(ln)["id"] for ln in files["predictions.00000-of-00002.jsonl"]] == ["2"]
   assert [json.loads(ln)["id"] for ln in files["predictions.00001-of-00002.jsonl"]] == ["5"]
   assert files["predictions.00000-of-00001.jsonl"][0] == json.dumps(first)  # kept, not generated again
+  assert json.loads((out / "run.json").read_text())["data"] == data
   preds = [json.loads(ln) for f in files.values() for ln in f if ln.endswith("}")]
   want = np.mean([M.vqa_accuracy(p["prediction"], p["ref"]) for p in preds])
   assert metrics["vqa_accuracy"] == pytest.approx(want) and metrics["vqa_accuracy"] >= 1 / 3  # "preset" scores 1
-  # a bad record under --strict, a file of another benchmark: one error line each, before the model loads
+  # a bad record under --strict, a file of another benchmark, the folder of another run (here the base prompt's):
+  # one error line each, before the model loads
   for args, message in (([f"--data={data}", "--strict"], "textvqa_val.jsonl:id 3: image missing.png not found"),
-                        ([f"--data={data}", "--benchmark=refcoco"], "no usable refcoco record")):
+                        ([f"--data={data}", "--benchmark=refcoco"], "no usable refcoco record"),
+                        ([f"--data={data}", "--prompt=chat"], "holds predictions of another run")):
     bad = subprocess.run(cmd[:2] + [a for a in cmd[2:] if not a.startswith("--data")] + args, check=False,
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     errors = [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")]

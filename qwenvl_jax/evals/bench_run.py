@@ -5,7 +5,8 @@
     them and writes metrics.json.
   * Resume: each process appends its predictions to out/predictions.<i>-of-<n>.jsonl and flushes them to disk
     batch by batch; a restarted run reads every predictions*.jsonl in `out` (a line cut short by a kill is
-    ignored) and generates only the examples not in them.
+    ignored) and generates only the examples not in them. out/run.json names the benchmark, data file, prompt and
+    answer length the predictions belong to; another run's folder is refused.
   * Bad input: a record whose image cannot be read or whose prompt does not fit the context is skipped with a
     warning and counted (benchmarks.read already skipped and counted the records it could not use).
 """
@@ -188,13 +189,36 @@ def gather(payload) -> list:
   return [json.loads(bytes(rows[i, :sizes[i]]).decode("utf-8")) for i in range(len(sizes))]
 
 
+def check_run(out: str, identity: dict) -> None:
+  """`out` holds predictions of this run or none: out/run.json records what they are (benchmark, data file,
+  prompt); a different run's folder is refused rather than its predictions taken for this one's (ids such as
+  RefCOCO's line numbers repeat across files)."""
+  import jax
+  path = os.path.join(out, "run.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      try:
+        was = json.load(f)
+      except ValueError:
+        was = None
+    if was != identity:
+      raise ValueError(f"--out {out} holds predictions of another run ({was}); pass another --out")
+  elif jax.process_index() == 0:
+    os.makedirs(out, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(identity, f)
+    os.replace(path + ".tmp", path)  # whole: another process may be reading it
+
+
 def evaluate_benchmark(model, tokenizer, bench: B.Benchmark, examples, files, out: str, prompt: str = "base",
                        batch_size: int = 8, max_new_tokens: int | None = None, read_skipped: int = 0,
-                       progress: bool = True) -> dict | None:
-  """Predict (resuming from `out`), gather on the primary process, score; the primary writes out/metrics.json and
-  returns the metrics (other processes return None)."""
+                       progress: bool = True, data: str = "") -> dict | None:
+  """Predict (resuming from `out`, when it holds this benchmark's `data` with this prompt), gather on the primary
+  process, score; the primary writes out/metrics.json and returns the metrics (other processes return None)."""
   import jax
   runner = BenchmarkRunner(model, tokenizer, bench, prompt, max_new_tokens)
+  check_run(out, {"benchmark": bench.name, "data": os.path.abspath(data) if data else "", "prompt": prompt,
+                  "max_new_tokens": runner.max_new_tokens})
   preds, skipped = runner.run(examples, files, out, batch_size=batch_size, progress=progress)
   parts = gather({"predictions": preds, "skipped": skipped})
   if jax.process_index() != 0:
