@@ -5,6 +5,7 @@ from qwenvl_jax.api import (
   VLModel,
   count_params,
   export_hf,
+  export_peft,
   find_image_spans,
   get_config,
   load,
@@ -17,6 +18,6 @@ from qwenvl_jax.data.tokenizer import load_tokenizer
 from qwenvl_jax.models.qwen_vl.config import QwenVLConfig, VisionConfig
 
 __all__ = ["VLModel", "QwenVLModel", "QwenVLConfig", "VisionConfig", "CheckpointError", "ImageError", "count_params",
-           "export_hf", "find_image_spans", "get_config", "load", "load_config", "load_processor", "load_tokenizer",
-           "preprocess_image"]
+           "export_hf", "export_peft", "find_image_spans", "get_config", "load", "load_config", "load_processor",
+           "load_tokenizer", "preprocess_image"]
 __version__ = "0.1.0"

@@ -38,7 +38,9 @@ class VLModel:
   heads where the tensor axis divides them, prompts over data x fsdp where that divides the batch).
   """
 
-  def __init__(self, config, params, assets_dir: str | None = None, mesh=None, quantized: str | None = None):
+  def __init__(self, config, params, assets_dir: str | None = None, mesh=None, quantized: str | None = None,
+               lora=None):
+    self.lora = lora  # a LoRA run's adapters (`convert.loader.LoraWeights`); params then hold them merged
     self.config = config
     self.params = params
     self.family = registry.family_of(config)
@@ -53,7 +55,8 @@ class VLModel:
       shardings = quantization.Quantizer(self.config, self.quantized, mesh).shardings
     else:
       shardings = loader.param_shardings(self.config, mesh)
-    return VLModel(self.config, jax.device_put(self.params, shardings), self.assets_dir, mesh, self.quantized)
+    return VLModel(self.config, jax.device_put(self.params, shardings), self.assets_dir, mesh, self.quantized,
+                   self.lora)
 
   def quantize(self, mode: str = "int8", mesh=None) -> "VLModel":
     """This model with weight-only quantized linear layers (`models/quantize.py`; layers unrolled first), placed
@@ -185,6 +188,16 @@ class VLModel:
                     temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids, seed=seed,
                     vocab_limit=vocab_limit, pixel_values=pixel_values, **vision)
 
+  def with_adapters(self, workdir: str) -> "VLModel":
+    """This (float) model with a LoRA run's adapters (the latest checkpoint of its workdir) merged in, carrying
+    them for `qv.export_peft`; one-line ValueError when they were trained on a model of another shape."""
+    _refuse_quantized(self, "given adapters")
+    cfg = self.config.replace(scan_layers=False)
+    got = loader.lora_trained(workdir, loader.read_train_config(workdir), cfg)
+    params = loader.merged(loader.relayout(self.params, self.config.scan_layers, False), got, cfg)
+    model = VLModel(cfg, params, self.assets_dir, None, None, lora=got)
+    return model.to_mesh(self.mesh) if self.mesh is not None else model
+
   def save(self, path: str, overwrite: bool = False) -> None:
     """Write this project's checkpoint (Orbax params + config + assets)."""
     _refuse_quantized(self, "saved")
@@ -223,7 +236,7 @@ def load(path: str, dtype: str | None = "float32", progress: bool = False, mesh=
   if bar:
     bar.close()
   params = got.params if mesh is not None else jax.tree.map(jnp.asarray, got.params)
-  return VLModel(got.config, params, assets_dir=got.assets_dir, mesh=mesh, quantized=got.quantize)
+  return VLModel(got.config, params, assets_dir=got.assets_dir, mesh=mesh, quantized=got.quantize, lora=got.lora)
 
 
 def _config_and_assets(path: str):
@@ -275,6 +288,18 @@ def export_hf(model: VLModel, out_dir: str, dtype: str = "bfloat16", max_shard_s
   if bar:
     bar.close()
   return files
+
+
+def export_peft(model: VLModel, out_dir: str) -> list[str]:
+  """Write the adapters of a LoRA run's model (`qv.load(workdir)` or `model.with_adapters(workdir)`) as a PEFT
+  folder (`adapter_config.json` + `adapter_model.safetensors`) named as PEFT names the official modules, so
+  `peft.PeftModel.from_pretrained(hf_model, out_dir)` adds them to the HF model (`convert/peft.py`)."""
+  if model.lora is None:
+    raise ValueError("this model carries no adapters: load a LoRA run's workdir (qv.load(workdir)) or call "
+                     "model.with_adapters(workdir)")
+  from qwenvl_jax.convert.peft import export_peft as write
+  return write(model.config.replace(scan_layers=False), model.lora.spec, model.lora.trained, out_dir,
+               base_model=model.assets_dir or "")
 
 
 def count_params(config) -> int:

@@ -31,6 +31,15 @@ class Loaded:
   params: Any
   assets_dir: str | None   # where the tokenizer / processor files of this checkpoint are (None if nowhere)
   quantize: str | None = None   # 'int8': params are the quantized tree of `models/quantize.py`
+  lora: Any = None   # a LoRA workdir's `LoraWeights` (params are then its merged weights)
+
+
+@dataclasses.dataclass
+class LoraWeights:
+  """What a LoRA run trained: the adapters (and the base parameters `trainable` named), as saved."""
+  spec: Any            # models.lora.LoraSpec
+  trained: dict        # nested dict: `kernel_lora_a/b` leaves + trained base parameters
+  trainable: str       # the run's lora.trainable regex
 
 
 def read_hf_config(folder: str) -> dict:
@@ -58,8 +67,9 @@ def is_training_workdir(path: str) -> bool:
 def model_config(c):
   """The model config a training config (`configs/*.py`, ml_collections) names in its `model` section."""
   m = c.model
+  lora = c.get("lora") is not None and bool(c.lora.get("rank"))  # adapters are per layer: unrolled
   cfg = registry.get_config(m.name, param_dtype=m.param_dtype, dtype=m.dtype, remat_policy=m.remat_policy,
-                            scan_layers=m.scan_layers)
+                            scan_layers=m.scan_layers and not lora)
   if m.get("drop_path", 0.0):  # stochastic depth in the vision tower: InternViT's
     if not hasattr(getattr(cfg, "vision", None), "drop_path_rate"):
       raise ValueError(f"model.drop_path: {m.name}'s vision tower has no drop path (InternVL's has)")
@@ -159,10 +169,9 @@ def load(path: str, dtype: str | None = "float32", progress=None, mesh=None, qua
 def _load_training_workdir(path: str, dtype: str | None, mesh=None, quantize=None, check=lambda cfg: None,
                            **overrides) -> Loaded:
   """The params of the latest checkpoint of a `train.py` workdir (one stage), with its model config."""
-  import ml_collections
-
-  with open(os.path.join(path, "config.json")) as f:
-    train_cfg = ml_collections.ConfigDict(json.load(f))
+  train_cfg = read_train_config(path)
+  if train_cfg.get("lora") is not None and train_cfg.lora.get("rank"):
+    return _load_lora_workdir(path, train_cfg, dtype, mesh, quantize, check, **overrides)
   stored = model_config(train_cfg).replace(**_dtype_overrides(dtype))
   fam = registry.family_of(stored)
   cfg = stored.replace(**overrides)
@@ -170,3 +179,67 @@ def _load_training_workdir(path: str, dtype: str | None, mesh=None, quantize=Non
   params, _ = checkpoint.load_training_params(path, fam.abstract_params(stored),
                                               _stored_shardings(stored, mesh, quantize))
   return Loaded(fam, cfg, _placed(params, stored, cfg, mesh, quantize), None, quantize)
+
+
+def _load_lora_workdir(path: str, train_cfg, dtype, mesh, quantize, check, **overrides) -> Loaded:
+  """A LoRA / Q-LoRA run's workdir: its base (the run's `init`, read again) with the latest checkpoint's adapters
+  merged in (into the dequantized base for Q-LoRA: what they were trained against). The adapters come along as
+  `Loaded.lora` (for `qv.export_peft`)."""
+  stored = model_config(train_cfg).replace(**_dtype_overrides(dtype))  # unrolled (model_config: LoRA)
+  fam = registry.family_of(stored)
+  cfg = stored.replace(**overrides)
+  check(cfg)
+  init = train_cfg.init
+  if init.source == "random":  # as the run made it (train/loop.py)
+    base, assets = jax.jit(lambda key: fam.init_params(stored, key))(jax.random.key(train_cfg.seed)), None
+  else:
+    got = load(init.path, dtype=stored.param_dtype, scan_layers=False)
+    if type(got.config) is not type(stored) or got.config.replace(
+        param_dtype=stored.param_dtype, dtype=stored.dtype, scan_layers=False,
+        remat_policy=stored.remat_policy) != stored:
+      raise ValueError(f"{path}: its base {init.path} is not model {train_cfg.model.name}")
+    base, assets = got.params, got.assets_dir
+  trained = lora_trained(path, train_cfg, stored)
+  params = merged(base, trained, stored)
+  return Loaded(fam, cfg, _placed(params, stored, cfg, mesh, quantize), assets, quantize, lora=trained)
+
+
+def read_train_config(workdir: str):
+  """A train.py workdir's resolved config (config.json) as a ConfigDict."""
+  import ml_collections
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{workdir} is not a train.py workdir (no config.json)")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def lora_trained(path: str, train_cfg, cfg) -> LoraWeights:
+  """The latest checkpoint's trained part of a LoRA workdir, read for model `cfg` (unrolled): one-line ValueError
+  when its adapters do not fit that model (another shape, another rank or other targets)."""
+  from flax.traverse_util import flatten_dict, unflatten_dict
+
+  from qwenvl_jax.models import lora
+  spec = lora.spec_from_config(train_cfg.get("lora"))
+  if spec is None:
+    raise ValueError(f"{path} is not a LoRA run (its config has lora.rank 0)")
+  abstract = flatten_dict(lora.abstract_tree(cfg, spec))
+  trained_abstract = unflatten_dict({p: abstract[p] for p in lora.trained_paths(abstract, train_cfg.lora.trainable)})
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  try:
+    trained, _ = checkpoint.load_training_params(path, trained_abstract, jax.tree.map(lambda _: dev, trained_abstract))
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{path}: its adapters do not fit this model ({type(e).__name__}: "
+                     f"{' '.join(str(e).split())[:200]})") from None
+  return LoraWeights(spec, trained, train_cfg.lora.trainable)
+
+
+def merged(base: dict, weights: LoraWeights, cfg) -> dict:
+  """Float base parameters (unrolled) with a LoRA run's trained part merged in: adapters folded into their
+  kernels; for Q-LoRA into the base as quantized and dequantized again, which is what they were trained against."""
+  from qwenvl_jax.models import lora
+  spec = weights.spec
+  if spec.quantize:
+    base = lora.dequantized(quantization.Quantizer(cfg, spec.quantize, module=lora.lora_module(cfg, spec))
+                            .quantize_tree(base))
+  return lora.merge(lora.with_adapters(base, weights.trained), spec)

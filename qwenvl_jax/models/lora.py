@@ -60,6 +60,14 @@ class LoraSpec:
     return self.alpha / self.rank
 
 
+def spec_from_config(section) -> LoraSpec | None:
+  """A training config's `lora` section -> LoraSpec; None when its rank is 0 (or it has none: full fine-tuning)."""
+  if section is None or not section.get("rank"):
+    return None
+  return LoraSpec(rank=int(section.rank), alpha=float(section.alpha), dropout=float(section.dropout),
+                  targets=section.targets or None, quantize=section.quantize or None)
+
+
 def targets_of(cfg, spec: LoraSpec) -> str:
   targets = spec.targets or registry.family_of(cfg).lora_targets
   if not targets:
@@ -122,6 +130,26 @@ def adapter_shapes(cfg, spec: LoraSpec) -> dict:
   return shapes
 
 
+def trained_paths(flat_abstract: dict, trainable: str = "") -> set:
+  """Of a flattened adapted tree: the adapters' paths and those of the base parameters `trainable` (a regex
+  searched in 'a/b/c' paths; '' = none) names. ValueError when `trainable` is no regex, matches nothing, or matches
+  a quantized kernel (Q-LoRA trains adapters on those, not them)."""
+  try:
+    pattern = re.compile(trainable) if trainable else None
+  except re.error as e:
+    raise ValueError(f"lora.trainable {trainable!r} is not a regular expression ({e})") from None
+  trained = {p for p in flat_abstract
+             if p[-1] in SUFFIXES or (pattern is not None and pattern.search(_path(p)))}
+  if pattern is not None and not any(p[-1] not in SUFFIXES for p in trained):
+    raise ValueError(f"lora.trainable {trainable!r} matches no parameter; paths are e.g. "
+                     f"{', '.join(_path(p) for p in list(flat_abstract)[:3])}")
+  quantized = {p for p, x in flat_abstract.items() if hasattr(x, "how")} & trained
+  if quantized:
+    raise ValueError(f"lora.trainable {trainable!r} matches quantized kernels (e.g. {_path(sorted(quantized)[0])}): "
+                     "Q-LoRA trains adapters on them, not them")
+  return trained
+
+
 def init_adapters(cfg, spec: LoraSpec, rng) -> dict:
   """Fresh adapters (a nested dict of `kernel_lora_a` / `kernel_lora_b` leaves): A He-uniform, B zeros, so the
   adapted model starts as the base model exactly. Only the adapters are allocated (not a second base)."""
@@ -143,6 +171,14 @@ def split(params: dict) -> tuple[dict, dict]:
   flat = flatten_dict(params)
   return (unflatten_dict({p: x for p, x in flat.items() if p[-1] not in SUFFIXES}),
           unflatten_dict({p: x for p, x in flat.items() if p[-1] in SUFFIXES}))
+
+
+def dequantized(tree: dict) -> dict:
+  """Q-LoRA's quantized kernels (Qwix `WithAux` leaves) back to float arrays of their original dtype: the base the
+  adapters were trained against, into which a merge folds them."""
+  import qwix
+  return jax.tree.map(lambda x: qwix.dequantize(x.array) if hasattr(x, "how") else x, tree,
+                      is_leaf=lambda x: hasattr(x, "how"))
 
 
 def merge(params: dict, spec: LoraSpec) -> dict:

@@ -45,6 +45,8 @@ class Family:
   folder_fields: Callable[[str, dict], dict] = lambda folder, d: {}
   hf_export_config: Callable[[Any], Any] = lambda cfg: cfg   # cfg -> the config whose name map export writes
   lora_targets: str = ""     # regex (full match) over module paths that LoRA adapts by default (models/lora.py)
+  # HF module name (a checkpoint key less `.weight`) -> the name PEFT sees in the HF model's module tree
+  peft_module_name: Callable[[str], str] = lambda name: name
 
   def init_params(self, cfg, rng, boxed: bool = False):
     """Random parameters of `cfg`'s module (through a call reaching every parameter); `boxed=True` keeps the

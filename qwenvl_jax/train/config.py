@@ -25,6 +25,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Where the weights come from: random | hf (an HF Qwen-VL folder or our export) | checkpoint (a training
   # workdir of the previous stage, or this project's model checkpoint).
   c.init = ml_collections.ConfigDict(dict(source="random", path=""))
+  # LoRA / Q-LoRA (train/lora.py): rank > 0 trains adapters on the `targets` linear layers ("" = the family's
+  # default, its official recipe's) and the base parameters matching `trainable` (a regex, e.g. "^(wte|lm_head)/";
+  # "" = none); the rest of the base stays frozen (optim.freeze is not used) and, with quantize int8 | int4 | nf4,
+  # its LLM blocks are quantized (Q-LoRA). Layers are unrolled.
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.05, targets="", trainable="", quantize=""))
   c.data = ml_collections.ConfigDict(dict(
       source="shapes",       # shapes | jsonl | tfds_shapes
       path="",               # jsonl: the data file; tfds_shapes: the TFDS data_dir
@@ -40,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
       patch_budget=0, min_pixels=0, max_pixels=0, image_sides=""))
   c.optim = ml_collections.ConfigDict(dict(
       lr=5e-5, min_lr=1e-5, warmup_steps=400, total_steps=10_000, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.05,
+      warmup_ratio=0.0,  # > 0: warm up over this fraction of total_steps instead of warmup_steps (HF's warmup_ratio)
       clip_norm=1.0,  # global gradient-norm clipping; 0 turns clipping off (as Hugging Face's max_grad_norm=0)
       layer_decay=0.95, freeze=STAGE_FREEZE["stage2"], z_loss=0.0, grad_accum=1, loss_chunk=512,
       vision_lr_scale=1.0))  # LR multiplier of the ViT and the adapter
@@ -183,6 +189,18 @@ def validate(c: ml_collections.ConfigDict, dry_run: bool = False) -> None:
   need(all(v >= 1 or v == -1 for v in sizes), f"mesh sizes {sizes}: each at least 1, or -1 (the remaining devices)")
   need(c.data.batch_size % c.optim.grad_accum == 0, "data.batch_size must be a multiple of optim.grad_accum")
   need(c.optim.total_steps > 0 and 0 <= c.optim.warmup_steps, "optim.total_steps > 0, optim.warmup_steps >= 0")
+  need(0 <= c.optim.warmup_ratio < 1, f"optim.warmup_ratio {c.optim.warmup_ratio}: in [0, 1)")
+  if c.lora.rank:
+    need(c.lora.rank >= 1, f"lora.rank {c.lora.rank}: a positive rank, or 0 for full fine-tuning")
+    need(c.mode == "generative", "LoRA trains the generative objective (mode=generative)")
+    need(c.lora.quantize in ("", "int8", "int4", "nf4"), f"lora.quantize {c.lora.quantize!r}: int8 | int4 | nf4 "
+                                                         "(or '' for LoRA without quantization)")
+    need(c.lora.alpha > 0 and 0 <= c.lora.dropout < 1, "lora.alpha > 0 and lora.dropout in [0, 1)")
+    for key in ("targets", "trainable"):
+      try:
+        re.compile(c.lora[key])
+      except re.error as e:
+        need(False, f"lora.{key} {c.lora[key]!r} is not a regular expression ({e})")
   need(c.optim.lr > 0 and 0 <= c.optim.min_lr <= c.optim.lr, "optim.lr > 0 and 0 <= optim.min_lr <= optim.lr")
   # The schedule runs in float32: a larger lr is inf there, and 0 * inf makes the first update NaN.
   need(c.optim.lr <= float(np.finfo(np.float32).max), f"optim.lr {c.optim.lr} overflows float32")

@@ -27,6 +27,8 @@ from qwenvl_jax.train.activations import activation_bytes
 from qwenvl_jax.train.checkpointing import TrainCheckpointer
 from qwenvl_jax.train.config import spec_of
 from qwenvl_jax.train.contrastive import ContrastiveHead
+from qwenvl_jax.train.lora import LoraPlan, nbytes
+from qwenvl_jax.train.lora import spec_of as lora_spec_of
 from qwenvl_jax.train.optimizer import make_optimizer
 from qwenvl_jax.train.sigterm import Interrupted, SigtermGuard
 from qwenvl_jax.train.state import bytes_per_device, create_state, state_shardings
@@ -50,11 +52,13 @@ __all__ = ["model_config", "run", "run_stage", "dry_run", "initial_params", "Non
 
 
 def optimizer(c, cfg):
+  """-> (optax transformation, schedule). A LoRA run's state holds only what trains: nothing to freeze there."""
   o = c.optim
-  return make_optimizer(lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps, total_steps=o.total_steps, b1=o.b1,
+  warmup = math.ceil(o.warmup_ratio * o.total_steps) if o.warmup_ratio else o.warmup_steps
+  return make_optimizer(lr=o.lr, min_lr=o.min_lr, warmup_steps=warmup, total_steps=o.total_steps, b1=o.b1,
                         b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
                         groups=registry.family_of(cfg).param_groups(cfg), layer_decay=o.layer_decay,
-                        vision_lr_scale=o.vision_lr_scale, freeze=tuple(o.freeze))
+                        vision_lr_scale=o.vision_lr_scale, freeze=() if lora_spec_of(c) else tuple(o.freeze))
 
 
 def any_resolution(cfg) -> bool:
@@ -254,12 +258,20 @@ def _run_stage(c, workdir: str, shared_dir: str | None, guard: SigtermGuard) -> 
                      f"{jax.process_count()} and of the data x fsdp mesh size {batch_shards}")
   tx, sched = optimizer(c, cfg)
   head = contrastive_head(c)
-  abstract, shardings = state_shardings(cfg, tx, mesh, head)
+  spec = lora_spec_of(c)
+  plan = LoraPlan(cfg, spec, mesh, c.lora.trainable) if spec else None
+  abstract, shardings = state_shardings(cfg, tx, mesh, head, plan)
   processor = processor_for(c, cfg)
   pipeline, tasks = data_pipeline(c, tok, processor)
   data_iter = iter(pipeline)
   ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep,
                            async_save=c.checkpoint.async_save)
+  frozen, frozen_shardings, base = {}, {}, None
+  if plan is not None:  # the frozen base, rebuilt from `init` on every start (checkpoints hold the trained part)
+    base = initial_params(c, cfg, loader.param_shardings(cfg, mesh))  # HF weights come back on the host
+    if base is None:  # init.source random: the same base on every start (seeded)
+      base = jax.jit(lambda key: registry.family_of(cfg).init_params(cfg, key))(jax.random.key(c.seed))
+    frozen, frozen_shardings = plan.frozen(base), plan.frozen_abstract()[1]
   found = ckpt.restore_latest(abstract, shardings)
   if found is not None:
     start, state, data_state = found
@@ -268,9 +280,14 @@ def _run_stage(c, workdir: str, shared_dir: str | None, guard: SigtermGuard) -> 
     log.warning("resumed from step %d", start)
     print(f"resumed from step {start}", flush=True)
   else:
-    family_shardings = {k: v for k, v in shardings.params.items() if k != "contrastive"}
-    state = create_state(cfg, tx, mesh, c.seed, params=initial_params(c, cfg, family_shardings), head=head)
+    if plan is not None:
+      state = create_state(cfg, tx, mesh, c.seed, params=plan.initial_trained(base, jax.random.key(c.seed + 1)),
+                           plan=plan)
+    else:
+      family_shardings = {k: v for k, v in shardings.params.items() if k != "contrastive"}
+      state = create_state(cfg, tx, mesh, c.seed, params=initial_params(c, cfg, family_shardings), head=head)
     start = 0
+  del base  # the frozen tree holds what the run needs (quantized for Q-LoRA)
   if primary:  # only once the workdir's checkpoint fits this config (a rejected one keeps the run's config.json)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(c.to_json_best_effort(indent=2))
@@ -279,13 +296,13 @@ def _run_stage(c, workdir: str, shared_dir: str | None, guard: SigtermGuard) -> 
   opts = StepOptions(grad_accum=c.optim.grad_accum, loss_chunk=c.optim.loss_chunk, z_loss=c.optim.z_loss,
                      skip_nonfinite=c.nonfinite == "skip", num_tasks=len(tasks))
   batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))  # every array: rows (and their patches)
-  model = registry.family_of(cfg).module(cfg)
+  model = plan.train_module if plan is not None else registry.family_of(cfg).module(cfg)
   if head is None:
     one_step = functools.partial(train_step, model=model, tx=tx, schedule=sched, opts=opts)
   else:
     one_step = functools.partial(contrastive_step, model=model, head=head, tx=tx, schedule=sched, opts=opts)
-  step_fn = jax.jit(one_step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                    donate_argnums=0)
+  step_fn = jax.jit(one_step, in_shardings=(shardings, batch_sharding, frozen_shardings),
+                    out_shardings=(shardings, None), donate_argnums=0)
 
   writer = _tb_writer(c, workdir, purge_step=start + 1) if primary else None
   total = c.optim.total_steps
@@ -322,7 +339,7 @@ def _run_stage(c, workdir: str, shared_dir: str | None, guard: SigtermGuard) -> 
         step_flops = fixed_flops or fed_flops(cfg, local) * jax.process_count()
         batch = _global_batch(local, batch_sharding)
         trace.before(step + 1)
-        state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, batch, frozen)
         step += 1
         trace.after(step, state)
         m = jax.device_get(metrics)

@@ -9,8 +9,6 @@ checkpoint is the adapters + optimizer state alone (`bench/lora.py` prints its s
 
 from __future__ import annotations
 
-import re
-
 import flax.linen as nn
 import jax
 import numpy as np
@@ -23,11 +21,7 @@ from qwenvl_jax.sharding import logical_to_sharding
 
 def spec_of(c) -> lora.LoraSpec | None:
   """The run's adapters (`lora` section of the training config); None when lora.rank is 0 (full fine-tuning)."""
-  k = c.lora
-  if not k.rank:
-    return None
-  return lora.LoraSpec(rank=int(k.rank), alpha=float(k.alpha), dropout=float(k.dropout), targets=k.targets or None,
-                       quantize=k.quantize or None)
+  return lora.spec_from_config(c.get("lora"))
 
 
 def _key(path: tuple) -> str:
@@ -43,19 +37,7 @@ class LoraPlan:
     lora.adapter_shapes(cfg, spec)  # one-line errors: targets matching nothing, rank beyond a layer's width
     boxed = lora.abstract_tree(cfg, spec, boxed=True)
     abstract, shardings = flatten_dict(nn.meta.unbox(boxed)), flatten_dict(logical_to_sharding(boxed, mesh))
-    try:
-      pattern = re.compile(trainable) if trainable else None
-    except re.error as e:
-      raise ValueError(f"lora.trainable {trainable!r} is not a regular expression ({e})") from None
-    self.trained = {p for p in abstract
-                    if p[-1] in lora.SUFFIXES or (pattern is not None and pattern.search(_key(p)))}
-    if pattern is not None and not any(p[-1] not in lora.SUFFIXES for p in self.trained):
-      raise ValueError(f"lora.trainable {trainable!r} matches no parameter; paths are e.g. "
-                       f"{', '.join(_key(p) for p in list(abstract)[:3])}")
-    quantized = {p for p, x in abstract.items() if hasattr(x, "how")}
-    if quantized & self.trained:
-      raise ValueError(f"lora.trainable {trainable!r} matches quantized kernels (e.g. "
-                       f"{_key(sorted(quantized & self.trained)[0])}): Q-LoRA trains adapters on them, not them")
+    self.trained = lora.trained_paths(abstract, trainable)
     self.abstract, self.shardings = abstract, shardings
     self.module = lora.lora_module(cfg, spec)              # inference: no dropout
     self.train_module = lora.lora_module(cfg, spec, train=True)

@@ -41,11 +41,15 @@ def abstract_params(cfg, head=None, boxed: bool = False):
   return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), head, boxed=boxed))
 
 
-def state_shardings(cfg, tx, mesh, head=None) -> tuple[TrainState, TrainState]:
+def state_shardings(cfg, tx, mesh, head=None, plan=None) -> tuple[TrainState, TrainState]:
   """-> (abstract TrainState, matching tree of NamedShardings). Nothing is allocated. `head`: the contrastive
-  stage's projections, trained with the model (`train/contrastive.py`)."""
-  params_abs = abstract_params(cfg, head)
-  params_sh = logical_to_sharding(abstract_params(cfg, head, boxed=True), mesh)
+  stage's projections, trained with the model (`train/contrastive.py`); `plan`: a LoRA run's `LoraPlan`, whose
+  state holds the trained part alone (`train/lora.py`)."""
+  if plan is not None:
+    params_abs, params_sh = plan.trained_abstract()
+  else:
+    params_abs = abstract_params(cfg, head)
+    params_sh = logical_to_sharding(abstract_params(cfg, head, boxed=True), mesh)
   flat = {path_str(p): (tuple(x.shape), s) for (p, x), s in
           zip(jax.tree_util.tree_leaves_with_path(params_abs), jax.tree.leaves(params_sh))}
   flat = dict(sorted(flat.items(), key=lambda kv: -len(kv[0])))  # longest path first
@@ -57,11 +61,11 @@ def state_shardings(cfg, tx, mesh, head=None) -> tuple[TrainState, TrainState]:
   return abstract, TrainState(step=rep, params=params_sh, opt_state=opt_sh, rng=rep)
 
 
-def create_state(cfg, tx, mesh, seed: int, params=None, head=None) -> TrainState:
+def create_state(cfg, tx, mesh, seed: int, params=None, head=None, plan=None) -> TrainState:
   """A fresh state created directly with its shardings (jit out_shardings: no full host copy). `params` (host or
   device arrays) replaces the random initialisation, e.g. weights imported from Hugging Face; with a contrastive
-  `head`, the family's params (the head starts fresh)."""
-  _, sh = state_shardings(cfg, tx, mesh, head)
+  `head`, the family's params (the head starts fresh); with a LoRA `plan`, the trained part (required)."""
+  _, sh = state_shardings(cfg, tx, mesh, head, plan)
   rng = jax.random.PRNGKey(seed)
   if params is None:
     def init(key):

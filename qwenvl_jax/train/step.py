@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from qwenvl_jax.data.packing import segment_lengths
 from qwenvl_jax.data.patch_packing import VISION_KEYS
@@ -34,7 +35,7 @@ class StepOptions:
   num_tasks: int = 0           # per-task answer-token loss and hit sums for task ids 1..num_tasks
 
 
-def _loss_sums(model, params, batch: dict, opts: StepOptions):
+def _loss_sums(model, params, batch: dict, opts: StepOptions, rng=None):
   """-> (objective sum, (ce sum, weight sum, per-task ce sums, per-task weights, per-task hits)); the per-task sums
   count the target tokens whose task id is k (the data marks only answer tokens with one)."""
   seg = batch["segment_ids"]
@@ -44,7 +45,7 @@ def _loss_sums(model, params, batch: dict, opts: StepOptions):
   vision = {k: batch[k] for k in VISION_KEYS if k in batch}  # any-resolution: each row's packed patches
   hidden = model.apply({"params": params}, batch["input_ids"], attention_mask=seg > 0, positions=positions,
                        segment_ids=seg, pixel_values=batch.get("pixel_values"), inference=False, return_hidden=True,
-                       **vision)
+                       rngs=None if rng is None else {"dropout": rng}, **vision)
   targets, w = next_token_targets(batch["input_ids"], batch["loss_mask"], seg)
   ce, lse, hit = chunked_token_losses(hidden, output_kernel(params), targets, opts.loss_chunk, with_hits=True)
   ce_sum = jnp.sum(ce * w)
@@ -68,29 +69,35 @@ def output_kernel(params) -> jax.Array:
   return params["wte"]["embedding"].T
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTransformation,
+def train_step(state: TrainState, batch: dict, frozen=None, *, model, tx: optax.GradientTransformation,
                schedule, opts: StepOptions) -> tuple[TrainState, dict]:
   """One optimizer step over `batch` (leading axis = global batch, split into `opts.grad_accum` micro-batches).
 
   The loss is the mean over all supervised tokens of the step (sums are accumulated, then divided once), so
-  gradient accumulation gives the same update as one big batch.
+  gradient accumulation gives the same update as one big batch. `frozen`: parameters the model takes besides the
+  state's, never updated (a LoRA run's base, `train/lora.py`). Each micro-batch gets its own 'dropout' rng.
   """
-  grad_fn = jax.value_and_grad(lambda p, mb: _loss_sums(model, p, mb, opts), has_aux=True)
+  def objective(p, mb, micro):
+    full = p if not frozen else unflatten_dict({**flatten_dict(frozen), **flatten_dict(p)})
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), micro)
+    return _loss_sums(model, full, mb, opts, rng)
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
   k = opts.grad_accum
   if k == 1:
-    (_, aux), grads = grad_fn(state.params, batch)
+    (_, aux), grads = grad_fn(state.params, batch, 0)
   else:
     micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
     zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     zero_aux = (jnp.zeros(()), jnp.zeros(())) + (jnp.zeros((opts.num_tasks,)),) * 3
 
-    def body(carry, mb):
+    def body(carry, xs):
       g_acc, a_acc = carry
-      (_, aux), g = grad_fn(state.params, mb)
+      mb, micro_index = xs
+      (_, aux), g = grad_fn(state.params, mb, micro_index)
       return (jax.tree.map(lambda x, y: x + y.astype(jnp.float32), g_acc, g),
               jax.tree.map(jnp.add, a_acc, aux)), None
 
-    (grads, aux), _ = jax.lax.scan(body, (zero_grads, zero_aux), micro)
+    (grads, aux), _ = jax.lax.scan(body, (zero_grads, zero_aux), (micro, jnp.arange(k)))
   ce_sum, n_tokens, task_ce, task_w, task_hit = aux
   denom = jnp.maximum(n_tokens, 1.0)
   grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
@@ -116,10 +123,10 @@ def apply_gradients(state: TrainState, grads, loss: jax.Array, *, tx: optax.Grad
   return new, {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite}
 
 
-def contrastive_step(state: TrainState, batch: dict, *, model, head, tx: optax.GradientTransformation, schedule,
-                     opts: StepOptions) -> tuple[TrainState, dict]:
+def contrastive_step(state: TrainState, batch: dict, frozen=None, *, model, head,
+                     tx: optax.GradientTransformation, schedule, opts: StepOptions) -> tuple[TrainState, dict]:
   """One optimizer step of the contrastive stage (`train/contrastive.py`) over the global batch of image-text pairs
-  (every other pair of the batch is a negative)."""
+  (every other pair of the batch is a negative). `frozen` is unused (LoRA trains the generative objective)."""
   from qwenvl_jax.train.contrastive import contrastive_loss
   rng = jax.random.fold_in(state.rng, state.step)  # this step's stochastic depth (InternViT's drop path)
   loss, grads = jax.value_and_grad(lambda p: contrastive_loss(model, head, p, batch, rng))(state.params)

@@ -25,4 +25,5 @@ FAMILY = Family(
     processor=processor.InternVLProcessor.for_config,
     processor_from_pretrained=lambda folder, cfg, **kw: processor.InternVLProcessor.from_pretrained(folder, cfg, **kw),
     param_groups=config.param_groups, image_flops=model.image_flops, inputs=inputs,
-    hf_key_alias=params.hf_key_alias, folder_fields=_folder_fields, hf_export_config=params.export_config, lora_targets=LORA_TARGETS)
+    hf_key_alias=params.hf_key_alias, folder_fields=_folder_fields, hf_export_config=params.export_config,
+    lora_targets=LORA_TARGETS, peft_module_name=params.peft_module_name)

@@ -43,6 +43,16 @@ _ALIASES = ((re.compile(r"^model\.language_model\."), "language_model.model."),
             (re.compile(r"^lm_head\."), "language_model.lm_head."))
 
 
+def peft_module_name(name: str) -> str:
+  """Checkpoint module name -> transformers 5's module tree (the inverse of the aliases above)."""
+  for ours, theirs in (("language_model.model.", "model.language_model."), ("vision_tower.", "model.vision_tower."),
+                       ("multi_modal_projector.", "model.multi_modal_projector."),
+                       ("language_model.lm_head", "lm_head")):
+    if name.startswith(ours):
+      return theirs + name[len(ours):]
+  return name
+
+
 def hf_key_alias(key: str) -> str:
   for pattern, repl in _ALIASES:
     key = pattern.sub(repl, key)

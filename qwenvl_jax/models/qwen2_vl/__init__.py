@@ -17,4 +17,5 @@ FAMILY = Family(
     processor_from_pretrained=lambda folder, cfg, **kw: processor.Qwen2VLProcessor.from_pretrained(folder, cfg, **kw),
     param_groups=config.param_groups, image_flops=model.image_flops, inputs=inputs,
     hf_key_alias=params.hf_key_alias, sample_encoder=samples.Qwen2VLSampleEncoder,
-    batch_vision_flops=model.batch_vision_flops, lora_targets=LORA_TARGETS)
+    batch_vision_flops=model.batch_vision_flops, lora_targets=LORA_TARGETS,
+    peft_module_name=params.peft_module_name)

@@ -19,6 +19,13 @@ _ALIASES = ((re.compile(r"^model\.language_model\."), "model."), (re.compile(r"^
             (re.compile(r"^model\.lm_head\."), "lm_head."))
 
 
+def peft_module_name(name: str) -> str:
+  """Checkpoint module name -> transformers 5's module tree (`model.language_model.*`, `model.visual.*`)."""
+  if name.startswith("visual."):
+    return "model." + name
+  return re.sub(r"^model\.", "model.language_model.", name)
+
+
 def hf_key_alias(key: str) -> str:
   for pattern, repl in _ALIASES:
     key = pattern.sub(repl, key)
