@@ -7,6 +7,12 @@
 Paper recipe: lr 1e-5 -> 1e-6 cosine, warmup 3000, rows of 2048 tokens, loss on assistant turns only (official
 finetune masks). Data in the official finetune JSON format works unchanged (data.source=jsonl). Expected: assistant
 loss decreasing; the chat model answers in ChatML.
+
+Freezing: the paper's wording ("freeze the visual encoder, optimise the LLM and the adapter"), with the resampler's
+2-D sin-cos table kept fixed as the official Resampler creates it; the ViT's ln_post and proj, which sit after the
+resampler, train with the adapter. The official finetune.py's `fix_vit` differs on both points (it re-enables the
+whole attn_pool, pos_embed included, and leaves ln_post/proj frozen); configs/finetune_*.py follow that code, as
+fine-tuning a released checkpoint should (STAGE_FREEZE["finetune"]).
 """
 
 from qwenvl_jax.models.qwen_vl.config import STAGE_FREEZE

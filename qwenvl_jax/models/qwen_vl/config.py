@@ -159,6 +159,9 @@ STAGE_FREEZE = {
     "stage1": (r"^(wte|decoder|lm_head)/", _FIXED),
     "stage2": (_FIXED,),
     "stage3": (r"^visual/", _FIXED),
+    # the official finetune.py's fix_vit (full fine-tuning): the ViT frozen except `attn_pool`, trained whole (its
+    # pos_embed too); the ViT's ln_post and proj (here under resampler/) stay frozen with the rest of the ViT
+    "finetune": (r"^visual/", r"^resampler/(ln_post|proj)(/|$)"),
 }
 
 
