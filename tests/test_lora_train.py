@@ -120,3 +120,19 @@ def test_bad_lora_settings_are_one_line_errors(env, tmp_path, override, message)
   r = train(env, f"--config={write_config(tmp_path)}", f"--workdir={tmp_path / 'w'}", *LORA, override)
   assert r.returncode == 2, describe(r)
   assert message in error_line(r.stderr)
+
+
+def test_qlora_on_a_prequantized_checkpoint_is_one_line(env, tmp_path, fixture_dir):
+  """A GPTQ folder (config.json quantization_config, as Qwen-VL-Chat-Int4) with Q-LoRA of another scheme."""
+  import json
+  folder = tmp_path / "int4"
+  shutil.copytree(fixture_dir, folder)
+  d = json.loads((folder / "config.json").read_text())
+  d["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+  (folder / "config.json").write_text(json.dumps(d))
+  r = train(env, f"--config={write_config(tmp_path)}", f"--workdir={tmp_path / 'w'}", *LORA,
+            "--config.lora.quantize=nf4", "--config.init.source=hf", f"--config.init.path={folder}")
+  assert r.returncode == 2, describe(r)
+  assert "holds pre-quantized weights (gptq 4-bit)" in error_line(r.stderr)
+  with pytest.raises(qv.CheckpointError, match="use the float checkpoint"):
+    qv.load(str(folder))

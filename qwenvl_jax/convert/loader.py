@@ -156,6 +156,11 @@ def load(path: str, dtype: str | None = "float32", progress=None, mesh=None, qua
                           f"a qwenvl_jax checkpoint ({checkpoint.CONFIG_FILE} + params/) nor a train.py workdir "
                           f"(config.json + checkpoints/)") from None
   d = read_hf_config(path)
+  if d.get("quantization_config"):
+    q = d["quantization_config"]
+    scheme = f"{q.get('quant_method', 'unknown')} {q.get('bits', '?')}-bit" if isinstance(q, dict) else str(q)
+    raise CheckpointError(f"{path} holds pre-quantized weights ({scheme}); this project reads float checkpoints and "
+                          "quantizes them itself (quantize='int8', Q-LoRA's lora.quantize): use the float checkpoint")
   fam = registry.for_model_type(d.get("model_type"))
   cfg = fam.from_hf_dict(d, **{**fam.folder_fields(path, d), **_dtype_overrides(dtype or "float32"), **overrides})
   check(cfg)

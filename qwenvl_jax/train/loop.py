@@ -324,8 +324,9 @@ def _run_stage(c, workdir: str, shared_dir: str | None, guard: SigtermGuard) -> 
   if head is not None:
     fixed_flops = contrastive_flops(cfg, c.data.batch_size, c.contrastive.text_len, processor)
   else:
-    fixed_flops = None if any_resolution(cfg) else flops_per_step(cfg, c.data.batch_size, c.data.seq_len,
-                                                                   c.data.batch_size * c.data.max_images, processor)
+    fixed_flops = None if any_resolution(cfg) else flops_per_step(
+        cfg, c.data.batch_size, c.data.seq_len, c.data.batch_size * c.data.max_images, processor,
+        frozen_base=plan is not None)
   peak = (c.peak_flops or measure_matmul_peak()) * jax.device_count()
   bar = _progress(start, total) if (primary and c.log.progress) else None
   window = {"loss": 0.0, "n": 0, "steps": 0, "tokens": 0.0, "flops": 0.0, "time": time.perf_counter(),
@@ -349,7 +350,7 @@ def _run_stage(c, workdir: str, shared_dir: str | None, guard: SigtermGuard) -> 
                 "exiting", flush=True)
           break
         data_state = data_iter.get_state()
-        step_flops = fixed_flops or fed_flops(cfg, local) * jax.process_count()
+        step_flops = fixed_flops or fed_flops(cfg, local, frozen_base=plan is not None) * jax.process_count()
         batch = _global_batch(local, batch_sharding)
         trace.before(step + 1)
         state, metrics = step_fn(state, batch, frozen)

@@ -148,8 +148,15 @@ def contrastive_flops(cfg, batch: int, text_len: int, processor) -> float:
                 + _decoder_flops(cfg, batch * text_len, batch * text_len * text_len, lm_head=False))
 
 
-def flops_per_step(cfg, batch: int, seq_len: int, images: int, processor=None) -> float:
-  """Training FLOPs of one step = 3 x forward matmul FLOPs (backward = 2 x forward).
+def _passes(frozen_base: bool) -> tuple[float, float]:
+  """(decoder, vision) multiples of the forward FLOPs a step computes: 3 and 3 (forward, then gradients of the
+  activations and of the weights); with a frozen base (LoRA) 2 and 1: no weight gradients besides the adapters'
+  (negligible), and no backward at all through the vision path when nothing before the LLM trains."""
+  return (2.0, 1.0) if frozen_base else (3.0, 3.0)
+
+
+def flops_per_step(cfg, batch: int, seq_len: int, images: int, processor=None, frozen_base: bool = False) -> float:
+  """Training FLOPs of one step = 3 x forward matmul FLOPs (backward = 2 x forward; frozen_base: see `_passes`).
 
   Decoder, per token: q/k/v/o 2*D*(2*H + 2*K)*Dh (K key/value heads), MLP 6*D*F, lm_head 2*D*V, causal attention
   2*S*H*Dh (scores + values over S/2 keys on average). Vision, per image: the family's `image_flops` at the
@@ -158,17 +165,19 @@ def flops_per_step(cfg, batch: int, seq_len: int, images: int, processor=None) -
   """
   fam = registry.family_of(cfg)
   processor = fam.processor(cfg) if processor is None else processor
-  return 3.0 * (_decoder_flops(cfg, batch * seq_len, batch * seq_len * seq_len)
-                + images * fam.image_flops(cfg, processor))
+  dec, vis = _passes(frozen_base)
+  return (dec * _decoder_flops(cfg, batch * seq_len, batch * seq_len * seq_len)
+          + vis * images * fam.image_flops(cfg, processor))
 
 
-def fed_flops(cfg, batch: dict) -> float:
-  """Training FLOPs (3 x forward) of what a packed any-resolution batch feeds: the decoder over its real tokens with
+def fed_flops(cfg, batch: dict, frozen_base: bool = False) -> float:
+  """Training FLOPs (3 x forward, or `_passes`) of what a packed any-resolution batch feeds: the decoder over its real tokens with
   causal attention within each sample, the vision path over its real patches with attention within each image
   (the family's `batch_vision_flops`). Padding is computed but not counted: MFU counts useful work."""
   lengths = segment_lengths(batch["segment_ids"])
-  vision = registry.family_of(cfg).batch_vision_flops(cfg, batch)
-  return 3.0 * (_decoder_flops(cfg, int(lengths.sum()), int(np.square(lengths).sum())) + vision)
+  dec, vis = _passes(frozen_base)
+  return (dec * _decoder_flops(cfg, int(lengths.sum()), int(np.square(lengths).sum()))
+          + vis * registry.family_of(cfg).batch_vision_flops(cfg, batch))
 
 
 def _decoder_flops(cfg, tokens: int, attention_pairs: int, lm_head: bool = True) -> float:
