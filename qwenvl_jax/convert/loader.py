@@ -194,16 +194,7 @@ def _load_lora_workdir(path: str, train_cfg, dtype, mesh, quantize, check, **ove
   fam = registry.family_of(stored)
   cfg = stored.replace(**overrides)
   check(cfg)
-  init = train_cfg.init
-  if init.source == "random":  # as the run made it (train/loop.py)
-    base, assets = jax.jit(lambda key: fam.init_params(stored, key))(jax.random.key(train_cfg.seed)), None
-  else:
-    got = load(init.path, dtype=stored.param_dtype, scan_layers=False)
-    if type(got.config) is not type(stored) or got.config.replace(
-        param_dtype=stored.param_dtype, dtype=stored.dtype, scan_layers=False,
-        remat_policy=stored.remat_policy) != stored:
-      raise ValueError(f"{path}: its base {init.path} is not model {train_cfg.model.name}")
-    base, assets = got.params, got.assets_dir
+  base, assets = base_params(train_cfg.init, stored, train_cfg.seed)
   trained = lora_trained(path, train_cfg, stored)
   params = merged(base, trained, stored)
   return Loaded(fam, cfg, _placed(params, stored, cfg, mesh, quantize), assets, quantize, lora=trained)
@@ -248,3 +239,18 @@ def merged(base: dict, weights: LoraWeights, cfg) -> dict:
     base = lora.dequantized(quantization.Quantizer(cfg, spec.quantize, module=lora.lora_module(cfg, spec))
                             .quantize_tree(base))
   return lora.merge(lora.with_adapters(base, weights.trained), spec)
+
+
+def base_params(init, cfg, seed: int):
+  """A LoRA run's float base, unrolled, from its `init` section (an HF folder, a model checkpoint or a workdir in
+  either layer layout; random: seed's initialisation, as the run makes it) -> (params, assets dir or None).
+  ValueError when the weights are another model than `cfg`."""
+  fam = registry.family_of(cfg)
+  if init.source == "random":
+    return jax.jit(lambda key: fam.init_params(cfg, key))(jax.random.key(seed)), None
+  got = load(init.path, dtype=cfg.param_dtype, scan_layers=False)
+  if type(got.config) is not type(cfg) or got.config.replace(
+      param_dtype=cfg.param_dtype, dtype=cfg.dtype, scan_layers=False, remat_policy=cfg.remat_policy) != cfg.replace(
+      scan_layers=False):
+    raise ValueError(f"init.path {init.path}: its model config is not the run's")
+  return got.params, got.assets_dir

@@ -281,9 +281,7 @@ def _run_stage(c, workdir: str, shared_dir: str | None, guard: SigtermGuard) -> 
                            async_save=c.checkpoint.async_save)
   frozen, frozen_shardings, base = {}, {}, None
   if plan is not None:  # the frozen base, rebuilt from `init` on every start (checkpoints hold the trained part)
-    base = initial_params(c, cfg, loader.param_shardings(cfg, mesh))  # HF weights come back on the host
-    if base is None:  # init.source random: the same base on every start (seeded)
-      base = jax.jit(lambda key: registry.family_of(cfg).init_params(cfg, key))(jax.random.key(c.seed))
+    base, _ = loader.base_params(c.init, cfg, c.seed)  # random: the same base on every start (seeded)
     frozen, frozen_shardings = plan.frozen(base), plan.frozen_abstract()[1]
   found = ckpt.restore_latest(abstract, shardings)
   if found is not None:
