@@ -176,11 +176,12 @@ def main():
   for name, label in (("full", "JAX full fine-tuning"), ("lora", "JAX LoRA"), ("torch", "torch + peft LoRA")):
     print(f"{label}: median step {med[name] * 1e3:.0f} ms (min {min(times[name]) * 1e3:.0f}); loss "
           f"{losses[name][0]:.3f} -> {losses[name][-1]:.3f}")
-  gib = 2 ** 20
-  print(f"step memory (XLA): full {mem_full / gib:.1f} MiB, LoRA {mem_lora / gib:.1f} MiB "
+  mib = 2 ** 20
+  print(f"step memory (XLA): full {mem_full / mib:.1f} MiB, LoRA {mem_lora / mib:.1f} MiB "
         f"(LoRA / full {mem_lora / mem_full:.2f}); params + optimizer: full "
-        f"{nbytes(full_state.params) * 3 / gib:.1f} MiB, LoRA {(nbytes(lora_state.params) * 3 + nbytes(frozen)) / gib:.1f}"
-        f" MiB; torch weights + adapter grads + AdamW {torch_bytes / gib:.1f} MiB")
+        f"{nbytes(full_state.params) * 3 / mib:.1f} MiB, LoRA "
+        f"{(nbytes(lora_state.params) * 3 + nbytes(frozen)) / mib:.1f} MiB; torch weights + adapter grads + AdamW "
+        f"{torch_bytes / mib:.1f} MiB")
   print(f"LoRA / full step time: {med['lora'] / med['full']:.2f}; JAX LoRA speedup over torch + peft (torch / JAX "
         f"median step time): {med['torch'] / med['lora']:.2f}x")
 

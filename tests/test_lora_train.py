@@ -5,7 +5,6 @@ merged (nothing else changed), adapters refuse a base of another shape, and the 
 import os
 import shutil
 
-import jax
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
@@ -22,7 +21,7 @@ from train_runs import (
 )
 
 import qwenvl_jax as qv
-from qwenvl_jax.models import registry
+from qwenvl_jax.convert import loader
 
 LORA = ["--config.lora.rank=4", "--config.lora.alpha=8", "--config.optim.total_steps=8",
         "--config.checkpoint.async_save=False", "--config.log.tensorboard=False"]
@@ -77,7 +76,7 @@ def test_the_workdir_loads_as_the_base_with_the_adapters_merged(lora_run):
   model = qv.load(str(wd))
   assert model.lora is not None and model.lora.spec.rank == 4 and not model.config.scan_layers
   cfg = model.config
-  base = jax.jit(lambda key: registry.family_of(cfg).init_params(cfg, key))(jax.random.key(0))  # seed 0's base
+  base, _ = loader.base_params(loader.read_train_config(str(wd)).init, cfg, 0)  # the run's: seed 0's random base
   got, want = flatten_dict(model.params), flatten_dict(base)
   adapted = {p[:-1] + ("kernel",) for p in flatten_dict(model.lora.trained)}
   assert set(got) == set(want)

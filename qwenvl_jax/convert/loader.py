@@ -8,6 +8,7 @@ start a stage from HF weights. Nothing here imports the public API or the traine
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -245,12 +246,17 @@ def base_params(init, cfg, seed: int):
   """A LoRA run's float base, unrolled, from its `init` section (an HF folder, a model checkpoint or a workdir in
   either layer layout; random: seed's initialisation, as the run makes it) -> (params, assets dir or None).
   ValueError when the weights are another model than `cfg`."""
-  fam = registry.family_of(cfg)
   if init.source == "random":
-    return jax.jit(lambda key: fam.init_params(cfg, key))(jax.random.key(seed)), None
+    return _jitted_init(cfg)(jax.random.key(seed)), None
   got = load(init.path, dtype=cfg.param_dtype, scan_layers=False)
   if type(got.config) is not type(cfg) or got.config.replace(
       param_dtype=cfg.param_dtype, dtype=cfg.dtype, scan_layers=False, remat_policy=cfg.remat_policy) != cfg.replace(
       scan_layers=False):
     raise ValueError(f"init.path {init.path}: its model config is not the run's")
   return got.params, got.assets_dir
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_init(cfg):
+  """The compiled random initialisation of `cfg` (kept: the run, its loading and its tests build the same base)."""
+  return jax.jit(lambda key: registry.family_of(cfg).init_params(cfg, key))
