@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qwenvl_jax.nn.layers import RMSNorm, dense
+from qwenvl_jax.nn.layers import Initializer, RMSNorm, dense
 from qwenvl_jax.nn.rotary import apply_rotary
 
 
@@ -111,6 +111,7 @@ class MultiHeadAttention(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   qk_norm: bool = False
   qkv_bias: bool = True
+  qk_init: Initializer | None = None  # the q and k kernels' initializer (None: the default of every kernel)
 
   @nn.compact
   def __call__(self, x_q: jax.Array, x_k: jax.Array, x_v: jax.Array, mask: jax.Array | None = None,
@@ -118,8 +119,9 @@ class MultiHeadAttention(nn.Module):
     """x_q: [B, S, Din], x_k/x_v: [B, T, Din] -> [B, S, out_features]. rope: [B, S, R/2] angles rotating queries
     and keys (self-attention only)."""
     def proj(name, x):
+      init = {} if self.qk_init is None or name == "v" else {"kernel_init": self.qk_init}
       return dense((self.heads, self.head_dim), (self.in_axis, self.heads_axis, "kv"), name=name,
-                   use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+                   use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype, **init)(x)
     q, k, v = proj("q", x_q), proj("k", x_k), proj("v", x_v)
     if self.qk_norm:  # over the whole width (all heads), as InternViT: [B, S, H, Dh] -> [B, S, H*Dh] and back
       def norm(name, t):

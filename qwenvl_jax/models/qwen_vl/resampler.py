@@ -17,6 +17,17 @@ from qwenvl_jax.nn.layers import LayerNorm, cast, dense
 from qwenvl_jax.nn.positions import resize_square_table, sincos_2d
 
 
+def identity_qk_init(key, shape, dtype=jnp.float32):
+  """q/k kernels [d, heads, head_dim] that start as the identity (heads * head_dim == d): a fresh resampler's
+  attention logits are then led by the dot products of the shared 2-D positions, so each query starts on its own
+  part of the image. With random q/k kernels a resampler trained from scratch starts with every query averaging
+  all the ViT tokens (the values carry no positions): images that differ in where things are give nearly the same
+  features, and nothing spatial (positions, boxes, words) reaches the LLM. A checkpoint replaces this init."""
+  del key
+  d, heads, head_dim = shape
+  return jnp.eye(d, heads * head_dim, dtype=dtype).reshape(shape)
+
+
 class Resampler(nn.Module):
   """`pos_embed` is a parameter (it is in the official checkpoint) that the training recipe keeps frozen."""
   cfg: VisionConfig
@@ -39,7 +50,7 @@ class Resampler(nn.Module):
     q = (q + pos.astype(self.dtype))[None].repeat(x.shape[0], axis=0)
     k = kv + resize_square_table(pos, x.shape[1]).astype(self.dtype)
     out = MultiHeadAttention(c.resampler_heads, d // c.resampler_heads, d, "embed", "heads", "embed",
-                             name="attn", **kw)(q, k, kv)
+                             qk_init=identity_qk_init, name="attn", **kw)(q, k, kv)
     self.sow("intermediates", "attn_out", out)
     out = LayerNorm(c.layer_norm_eps, "embed", name="ln_post", **kw)(out)
     proj = self.param("proj", nn.with_logical_partitioning(nn.initializers.normal(d ** -0.5),
