@@ -26,12 +26,14 @@ _CONFIG = flags.DEFINE_string("config", os.path.join(os.path.dirname(os.path.abs
 _MAX = flags.DEFINE_integer("max_examples", 500, "test examples evaluated (the split has 500)")
 _FRESH = flags.DEFINE_bool("fresh", False, "delete the workdir first")
 
-# (summary key, label, target, how the target reads); the captioning target also asks for 2x the untrained score.
+# (summary key, label, target, how the target reads); the captioning target also asks for 2x the untrained score;
+# "multi_image" is the two-image questions' accuracy (a per-task figure, not pooled into VQA).
 TARGETS = (
   ("vqa_accuracy", "VQA accuracy", 0.90, ">= 0.90"),
   ("caption_cider", "captioning CIDEr", 1.0, ">= 1.0, >= 2x"),
-  ("grounding_acc@0.5", "grounding acc@0.5", 0.50, ">= 0.50"),
-  ("ocr_exact_match", "OCR exact match", 0.50, ">= 0.50"),
+  ("grounding_acc@0.5", "grounding acc@0.5", 0.60, ">= 0.60"),
+  ("ocr_exact_match", "OCR exact match", 0.60, ">= 0.60"),
+  ("multi_image", "two-image accuracy", 0.80, ">= 0.80"),
   ("ocr_anls", "OCR ANLS", None, ""),
 )
 EXAMPLE_TASKS = ("grounding", "grounded_caption", "ocr", "vqa_color", "vqa_count", "caption")
@@ -57,10 +59,17 @@ def evaluate_into(model, tok, source, n: int, out_dir: str, desc: str) -> dict:
   return metrics
 
 
+def _figure(metrics: dict, key: str) -> float:
+  """A summary figure, or a task's own figure (its first metric) when `key` names a task."""
+  if key in metrics["per_task"]:
+    return next(v for k, v in metrics["per_task"][key].items() if k not in ("n", "anls"))
+  return metrics["summary"].get(key, 0.0)
+
+
 def table(before: dict, after: dict) -> str:
   rows = [("metric", "untrained", "trained", "target", "met")]
   for key, label, target, reads in TARGETS:
-    b, a = before["summary"].get(key, 0.0), after["summary"].get(key, 0.0)
+    b, a = _figure(before, key), _figure(after, key)
     met = ""
     if target is not None:
       ok = a >= target and (key != "caption_cider" or a >= 2 * b)
@@ -165,7 +174,8 @@ def main(argv):
   print("\nexamples (trained model):")
   paths = save_examples(source, os.path.join(after_dir, "predictions.jsonl"), os.path.join(workdir, "examples"))
   with open(os.path.join(workdir, "demo_results.json"), "w") as f:
-    json.dump({"untrained": before["summary"], "trained": after["summary"], "examples": paths}, f, indent=2)
+    json.dump({"untrained": before["summary"], "trained": after["summary"], "examples": paths,
+               "per_task": {"untrained": before["per_task"], "trained": after["per_task"]}}, f, indent=2)
   print(f"\nimages with the answers drawn: {os.path.join(workdir, 'examples')}; total {time.time() - t_start:.0f}s")
   return 0
 
