@@ -35,8 +35,8 @@ examples:
   the LLM's rate 1.00, at the full rate 0.23 after 400 steps (it collapses, as the full demo's ViT did). The
   resampler now starts that way (models/qwen_vl/resampler.py); on the demo's images its features differ by 23%
   across images instead of 9%.
-- The whole demo with that resampler (this config, unchanged otherwise; 863 s of training, 1005 s in all under
-  the shared load): VQA 0.512 (README's run before it: 0.507), CIDEr 4.52 (4.00), grounding 0.014 (0.000), OCR 0
+- The whole demo with that resampler (this config, unchanged otherwise; alone on the CPU 703 s of training, 13 min
+  14 s in all): VQA 0.512 (README's run before it: 0.507), CIDEr 4.52 (4.00), grounding 0.014 (0.000), OCR 0
   (0), two-image 0.67 (0.55). The answer-token accuracies of stage 3's last full window show where it stands:
   grounding's box digits 0.43 (the chat-only runs above: <= 0.22), captions 0.72 (blind ~0.5), colour 0.56, count
   0.59, shape 0.37 and position 0.50 (chance), OCR words 0.05 (1/50 is chance). In ~630 steps (~20k samples) the
