@@ -8,21 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from test_train_step import CFG, FAST_COMPILE, IMG, IMG_END, IMG_PAD  # the train-step tests' tiny model
 
 from qwenvl_jax.data.conversation import answer_mask, format_chat
 from qwenvl_jax.data.pipeline import DataConfig, SampleEncoder
 from qwenvl_jax.data.shapes import TASKS, generate
 from qwenvl_jax.models.qwen_vl import FAMILY
-from qwenvl_jax.models.qwen_vl.config import QWEN_VL_TINY
 from qwenvl_jax.models.qwen_vl.model import QwenVL
 from qwenvl_jax.train.step import StepOptions, TrainState, train_step
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-CFG = QWEN_VL_TINY.replace(
-    vocab_size=64, hidden_size=128, num_attention_heads=2, num_hidden_layers=1, intermediate_size=128,
-    visual=dict(image_size=28, width=32, layers=1, heads=2, mlp_ratio=2.0, output_dim=128, n_queries=4,
-                pos_table_size=4, image_start_id=40))
-IMG, IMG_END, IMG_PAD = CFG.visual.image_start_id, CFG.visual.image_end_id, CFG.visual.image_pad_id
 ANSWERS = (10, 11, 12, 13)  # one of 4 equally likely answer tokens, shown only by the image: chance is 1/4
 PROMPT, CLOSE = [1, 5, 6, 7], [8, 9]  # fixed structure before the image and between it and the answer
 END = 2                                # structure after the answer (as <|im_end|>)

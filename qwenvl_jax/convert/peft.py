@@ -47,9 +47,9 @@ def peft_tensors(cfg, spec: lora.LoraSpec, trained: dict) -> tuple[dict[str, np.
                             [flat[p[:-1] + ("kernel_lora_b",)] for p in paths], [shapes[p] for p in paths], module)
       tensors[f"{PREFIX}{module}.lora_A.weight"] = a_hf
       tensors[f"{PREFIX}{module}.lora_B.weight"] = b_hf
-      targets.add(module.rsplit(".", 1)[-1])
-      if len(paths) > 1:
-        name = module.rsplit(".", 1)[-1]
+      name = module.rsplit(".", 1)[-1]
+      targets.add(name)
+      if len(paths) > 1:  # a fused HF module: one adapter of rank n r, alpha n x (the same scale)
         rank_pattern[name], alpha_pattern[name] = spec.rank * len(paths), spec.alpha * len(paths)
       used.update(p[:-1] + (s,) for p in paths for s in lora.SUFFIXES)
     elif all(p in flat for p in paths):  # a trained base parameter: PEFT's modules_to_save

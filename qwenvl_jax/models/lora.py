@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from qwenvl_jax.models import registry
+from qwenvl_jax.models import quantize, registry
 
 SUFFIXES = ("kernel_lora_a", "kernel_lora_b")
-METHODS = ("__call__", "vit", "encode_images", "project", "pooled_vit")
+METHODS = (*quantize.METHODS, "pooled_vit")  # the API's methods, and the contrastive stage's image features
 QUANT_MODES = ("int8", "int4", "nf4")
 QUANT_BLOCK = 64  # int4 / nf4: contracted weights per scale
 QUANTIZED = r"decoder/layers_\d+/.*"  # Q-LoRA: the module paths whose kernels are quantized
@@ -111,10 +111,11 @@ def abstract_tree(cfg, spec: LoraSpec, boxed: bool = False) -> dict:
   return tree if boxed else nn.meta.unbox(tree)
 
 
-def adapter_shapes(cfg, spec: LoraSpec) -> dict:
-  """{adapter path tuple: ShapeDtypeStruct}, checked: the targets must match a linear layer and the rank must not
-  exceed a layer's input or output width (one-line ValueErrors)."""
-  flat = flatten_dict(abstract_tree(cfg, spec))
+def adapter_shapes(cfg, spec: LoraSpec, flat_abstract: dict | None = None) -> dict:
+  """{adapter path tuple: ShapeDtypeStruct} of the adapted tree (`flat_abstract`: its flattened `abstract_tree`,
+  when the caller has it), checked: the targets must match a linear layer and the rank must not exceed a layer's
+  input or output width (one-line ValueErrors)."""
+  flat = flatten_dict(abstract_tree(cfg, spec)) if flat_abstract is None else flat_abstract
   shapes = {p: x for p, x in flat.items() if p[-1] in SUFFIXES}
   if not shapes:
     names = sorted({_path(p[:-1]) for p in flat if p[-1] == "kernel"})
@@ -150,12 +151,13 @@ def trained_paths(flat_abstract: dict, trainable: str = "") -> set:
   return trained
 
 
-def init_adapters(cfg, spec: LoraSpec, rng) -> dict:
+def init_adapters(cfg, spec: LoraSpec, rng, shapes: dict | None = None) -> dict:
   """Fresh adapters (a nested dict of `kernel_lora_a` / `kernel_lora_b` leaves): A He-uniform, B zeros, so the
-  adapted model starts as the base model exactly. Only the adapters are allocated (not a second base)."""
+  adapted model starts as the base model exactly. Only the adapters are allocated (not a second base). `shapes`:
+  `adapter_shapes`' result, when the caller has it."""
   init_a = jax.nn.initializers.he_uniform()
   out = {}
-  for i, (p, x) in enumerate(sorted(adapter_shapes(cfg, spec).items())):
+  for i, (p, x) in enumerate(sorted((shapes or adapter_shapes(cfg, spec)).items())):
     out[p] = (init_a(jax.random.fold_in(rng, i), x.shape, x.dtype) if p[-1] == "kernel_lora_a"
               else jnp.zeros(x.shape, x.dtype))
   return unflatten_dict(out)

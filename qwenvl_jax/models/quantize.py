@@ -66,12 +66,13 @@ class Quantizer:
   """Quantizes float parameters leaf by leaf (on the host CPU) and places each straight into its shards on `mesh`
   (or on the first device), so no device ever holds a float copy of the model."""
 
-  def __init__(self, cfg, mode: str = "int8", mesh=None, module=None):
+  def __init__(self, cfg, mode: str = "int8", mesh=None, module=None, boxed=None):
     """module: a Qwix-wrapped module whose quantized kernels to produce (default: `quantized_module(cfg, mode)`;
-    Q-LoRA passes its adapted one, `models/lora.py`)."""
+    Q-LoRA passes its adapted one, `models/lora.py`); boxed: that module's boxed abstract tree, when the caller
+    has it (tracing a large model's init takes seconds)."""
     self.cfg, self.mode, self.mesh = cfg, mode, mesh
     self.module = quantized_module(cfg, mode) if module is None else module
-    boxed = abstract_quantized(cfg, self.module, boxed=True)
+    boxed = abstract_quantized(cfg, self.module, boxed=True) if boxed is None else boxed
     self.abstract = nn.meta.unbox(boxed)
     self.shardings = logical_to_sharding(boxed, mesh) if mesh is not None else None
 

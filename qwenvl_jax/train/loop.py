@@ -27,7 +27,8 @@ from qwenvl_jax.train.activations import activation_bytes
 from qwenvl_jax.train.checkpointing import TrainCheckpointer
 from qwenvl_jax.train.config import spec_of
 from qwenvl_jax.train.contrastive import ContrastiveHead
-from qwenvl_jax.train.lora import LoraPlan, nbytes
+from qwenvl_jax.train.lora import nbytes
+from qwenvl_jax.train.lora import plan_of as lora_plan_of
 from qwenvl_jax.train.lora import spec_of as lora_spec_of
 from qwenvl_jax.train.optimizer import make_optimizer
 from qwenvl_jax.train.sigterm import Interrupted, SigtermGuard
@@ -211,19 +212,19 @@ def dry_run(c) -> dict:
     raise ValueError("--dry_run needs explicit mesh sizes (no -1): e.g. --config.mesh.fsdp=64")
   mesh = AbstractMesh(tuple(sizes), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
   head = contrastive_head(c)
-  spec = lora_spec_of(c)
-  plan = LoraPlan(cfg, spec, mesh, c.lora.trainable) if spec else None
+  plan = lora_plan_of(c, cfg, mesh)
   abstract, sh = state_shardings(cfg, tx, mesh, head, plan)
   r = bytes_per_device(abstract, sh)
   gib = 2 ** 30
   n_model = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(registry.family_of(cfg).abstract_params(cfg)))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
   print(f"model {c.model.name}: {n_model:,} parameters ({n_model * np.dtype(cfg.param_dtype).itemsize / gib:.2f} GiB "
-        f"as {cfg.param_dtype}); mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} ({int(np.prod(sizes))} devices)")
+        f"as {cfg.param_dtype}); mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} "
+        f"({int(np.prod(sizes))} devices)")
   if plan is not None:  # the frozen base counts with the params; the state holds the trained part alone
     frozen_abs, frozen_sh = plan.frozen_abstract()
     r["frozen"] = nbytes(frozen_abs, frozen_sh)
-    print(f"LoRA rank {spec.rank} ({spec.quantize or 'float'} base): {n_params:,} trained parameters "
+    print(f"LoRA rank {plan.spec.rank} ({plan.spec.quantize or 'float'} base): {n_params:,} trained parameters "
           f"({n_params / n_model:.2%}); frozen base {nbytes(frozen_abs) / gib:.2f} GiB in all")
   frozen = r.get("frozen", 0)
   print(f"per device: params {(r['params'] + frozen) / gib:.3f} GiB + optimizer state {r['opt_state'] / gib:.3f} GiB = "
@@ -271,8 +272,7 @@ def _run_stage(c, workdir: str, shared_dir: str | None, guard: SigtermGuard) -> 
                      f"{jax.process_count()} and of the data x fsdp mesh size {batch_shards}")
   tx, sched = optimizer(c, cfg)
   head = contrastive_head(c)
-  spec = lora_spec_of(c)
-  plan = LoraPlan(cfg, spec, mesh, c.lora.trainable) if spec else None
+  plan = lora_plan_of(c, cfg, mesh)
   abstract, shardings = state_shardings(cfg, tx, mesh, head, plan)
   processor = processor_for(c, cfg)
   pipeline, tasks = data_pipeline(c, tok, processor)

@@ -24,8 +24,10 @@ def spec_of(c) -> lora.LoraSpec | None:
   return lora.spec_from_config(c.get("lora"))
 
 
-def _key(path: tuple) -> str:
-  return "/".join(path)
+def plan_of(c, cfg, mesh) -> LoraPlan | None:
+  """The run's LoraPlan on `mesh`; None for full fine-tuning."""
+  spec = spec_of(c)
+  return LoraPlan(cfg, spec, mesh, c.lora.trainable) if spec else None
 
 
 class LoraPlan:
@@ -34,11 +36,12 @@ class LoraPlan:
 
   def __init__(self, cfg, spec: lora.LoraSpec, mesh, trainable: str = ""):
     self.cfg, self.spec, self.mesh = cfg, spec, mesh
-    lora.adapter_shapes(cfg, spec)  # one-line errors: targets matching nothing, rank beyond a layer's width
-    boxed = lora.abstract_tree(cfg, spec, boxed=True)
-    abstract, shardings = flatten_dict(nn.meta.unbox(boxed)), flatten_dict(logical_to_sharding(boxed, mesh))
+    self.boxed = lora.abstract_tree(cfg, spec, boxed=True)  # traced once: the checks, shardings and Q-LoRA use it
+    abstract = flatten_dict(nn.meta.unbox(self.boxed))
+    # one-line errors: targets matching nothing, rank beyond a layer's width
+    self.adapter_shapes = lora.adapter_shapes(cfg, spec, abstract)
     self.trained = lora.trained_paths(abstract, trainable)
-    self.abstract, self.shardings = abstract, shardings
+    self.abstract, self.shardings = abstract, flatten_dict(logical_to_sharding(self.boxed, mesh))
     self.module = lora.lora_module(cfg, spec)              # inference: no dropout
     self.train_module = lora.lora_module(cfg, spec, train=True)
 
@@ -56,14 +59,14 @@ class LoraPlan:
     and, for Q-LoRA, quantized leaf by leaf on the host as it is placed (no float copy on the devices)."""
     flat = {p: x for p, x in flatten_dict(base).items() if p not in self.trained}
     if self.spec.quantize:
-      q = quantization.Quantizer(self.cfg, self.spec.quantize, self.mesh, module=self.module)
+      q = quantization.Quantizer(self.cfg, self.spec.quantize, self.mesh, module=self.module, boxed=self.boxed)
       return unflatten_dict({p: q.place(p, flat.pop(p)) for p in list(flat)})
     return jax.device_put(unflatten_dict(flat), self.part(self.shardings, False))
 
   def initial_trained(self, base: dict, rng) -> dict:
     """Fresh adapters plus the trained base parameters' initial values, placed."""
     flat = {p: x for p, x in flatten_dict(base).items() if p in self.trained}
-    flat.update(flatten_dict(lora.init_adapters(self.cfg, self.spec, rng)))
+    flat.update(flatten_dict(lora.init_adapters(self.cfg, self.spec, rng, self.adapter_shapes)))
     return jax.device_put(unflatten_dict(flat), self.part(self.shardings, True))
 
 

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.traverse_util import flatten_dict, unflatten_dict
 
 from qwenvl_jax.data.packing import segment_lengths
 from qwenvl_jax.data.patch_packing import VISION_KEYS
 from qwenvl_jax.models import registry
+from qwenvl_jax.models.lora import with_adapters
 from qwenvl_jax.train.loss import chunked_token_losses, next_token_targets
 
 
@@ -78,7 +78,7 @@ def train_step(state: TrainState, batch: dict, frozen=None, *, model, tx: optax.
   state's, never updated (a LoRA run's base, `train/lora.py`). Each micro-batch gets its own 'dropout' rng.
   """
   def objective(p, mb, micro):
-    full = p if not frozen else unflatten_dict({**flatten_dict(frozen), **flatten_dict(p)})
+    full = with_adapters(frozen, p) if frozen else p
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), micro)
     return _loss_sums(model, full, mb, opts, rng)
   grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -171,9 +171,9 @@ def flops_per_step(cfg, batch: int, seq_len: int, images: int, processor=None, f
 
 
 def fed_flops(cfg, batch: dict, frozen_base: bool = False) -> float:
-  """Training FLOPs (3 x forward, or `_passes`) of what a packed any-resolution batch feeds: the decoder over its real tokens with
-  causal attention within each sample, the vision path over its real patches with attention within each image
-  (the family's `batch_vision_flops`). Padding is computed but not counted: MFU counts useful work."""
+  """Training FLOPs (3 x forward, or `_passes`) of what a packed any-resolution batch feeds: the decoder over its
+  real tokens with causal attention within each sample, the vision path over its real patches with attention within
+  each image (the family's `batch_vision_flops`). Padding is computed but not counted: MFU counts useful work."""
   lengths = segment_lengths(batch["segment_ids"])
   dec, vis = _passes(frozen_base)
   return (dec * _decoder_flops(cfg, int(lengths.sum()), int(np.square(lengths).sum()))
