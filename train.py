@@ -43,7 +43,8 @@ def main(argv):
     print(f"error: unexpected arguments: {argv[1:]}", file=sys.stderr)
     return 2
   from qwenvl_jax.train.checkpointing import CheckpointIncompatible
-  from qwenvl_jax.train.loop import NonFiniteLoss, dry_run, run
+  from qwenvl_jax.train.dry_run import dry_run
+  from qwenvl_jax.train.loop import NonFiniteLoss, run
   try:
     if _DRY_RUN.value:
       from qwenvl_jax.train.config import validate
