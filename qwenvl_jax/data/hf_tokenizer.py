@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 
-from qwenvl_jax.data.special_tokens import ENDOFTEXT, IM_END, IM_START, TokenizerError, check_unicode
+from qwenvl_jax.data.special_tokens import ENDOFTEXT, IM_END, IM_START, QWEN_PATTERN, TokenizerError, check_unicode
 
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
@@ -115,7 +115,6 @@ def train_tokenizer_json(texts, path: str, vocab_size: int) -> str:
   vocabulary (`added_token_ids`). Unused slots (a small corpus gives fewer merges) are filler tokens."""
   from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-  from qwenvl_jax.data.tokenizer import QWEN_PATTERN
   regular = vocab_size - len(QWEN2_VL_ADDED)
   if regular < 256:
     raise ValueError(f"vocab_size {vocab_size}: a byte-level BPE needs at least {256 + len(QWEN2_VL_ADDED)}")

@@ -2,6 +2,9 @@
 module so that the tokenizer implementations import it rather than each other)."""
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+# The official pre-tokenisation pattern of Qwen's BPE (tiktoken's, and the Qwen2-style tokenizer.json's).
+QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
+                r"""\s+(?!\S)|\s+""")
 
 
 class TokenizerError(ValueError):

@@ -16,10 +16,11 @@ import os
 import re
 import unicodedata
 
-from qwenvl_jax.data.special_tokens import (  # noqa: F401 - TokenizerError re-exported
+from qwenvl_jax.data.special_tokens import (  # noqa: F401 - TokenizerError and QWEN_PATTERN re-exported
   ENDOFTEXT,
   IM_END,
   IM_START,
+  QWEN_PATTERN,
   TokenizerError,
   check_unicode,
 )
@@ -30,9 +31,6 @@ QUAD_START, QUAD_END, IMG_START, IMG_END, IMG_PAD = "<quad>", "</quad>", "<img>"
 IMAGE_ST = (REF_START, REF_END, BOX_START, BOX_END, QUAD_START, QUAD_END, IMG_START, IMG_END, IMG_PAD)
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END) + EXTRAS + IMAGE_ST
 QWEN_SPECIAL_START = 151643
-# The official pre-tokenisation pattern of Qwen's BPE.
-QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
-                r"""\s+(?!\S)|\s+""")
 _IMG_SPAN = re.compile(re.escape(IMG_START) + "(.*?)" + re.escape(IMG_END), re.S)
 
 
