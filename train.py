@@ -4,14 +4,18 @@ Each config's docstring says how to run it and what it should reach. A run resum
 its workdir; SIGTERM finishes the current step, saves and exits 0.
 """
 
+import os
 import signal
 import sys
 
 
 def _exit_on_sigterm(signum, frame):
-  """Until the training loop installs its own handler (imports and flag parsing): nothing to save yet."""
+  """Until the training loop installs its own handler (imports and flag parsing): nothing to save yet. os._exit,
+  not sys.exit: a SystemExit raised inside an import can be swallowed by a library's bare `except:`, and the run
+  would then go on training after saying it exits."""
   print("SIGTERM during start-up: exiting, nothing new saved", flush=True)
-  sys.exit(0)
+  sys.stderr.flush()
+  os._exit(0)
 
 
 signal.signal(signal.SIGTERM, _exit_on_sigterm)  # before the imports below, which take seconds

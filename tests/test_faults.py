@@ -76,6 +76,16 @@ def test_sigterm_during_start_up_exits_0_having_saved_nothing(env, tmp_path):
   assert checkpoint_steps(wd) == []
 
 
+def test_sigterm_inside_a_gc_callback_during_imports_still_exits(env):
+  """A signal handler may run inside a gc callback (jax registers one), where a raised SystemExit is only reported
+  as unraisable and the import goes on: train.py's start-up handler must end the process all the same."""
+  code = ("import gc, os, signal, runpy, sys; sys.argv = ['train.py']; runpy.run_path('train.py', run_name='x'); "
+          "gc.callbacks.append(lambda *a: os.kill(os.getpid(), signal.SIGTERM)); gc.collect(); "
+          "import time; time.sleep(1); print('went on')")
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0 and "SIGTERM during start-up: exiting" in r.stdout and "went on" not in r.stdout, describe(r)
+
+
 def test_a_nan_before_any_checkpoint_says_so(env, tmp_path):
   wd = tmp_path / "run"
   r = train(env, f"--config={write_config(tmp_path)}", f"--workdir={wd}", "--config.optim.lr=1e30",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 
 import jax
@@ -78,6 +79,16 @@ def _quiet_orbax_failures() -> None:
   sys.unraisablehook = hook
 
 
+def _short_cause(e: BaseException) -> str:
+  """A failed write's message on one line, at most ~400 characters. TensorStore's messages carry the OS error only
+  as `os_error_code=N` after a long spec whose length depends on the path, so the OS error is named first."""
+  why = " ".join(str(e).split())
+  why = why if len(why) <= 400 else f"{why[:150]} ... {why[-200:]}"  # TensorStore's cause comes last
+  code = getattr(e, "errno", None) or next(iter(re.findall(r"os_error_code\W*(\d+)", str(e))), None)
+  name = os.strerror(int(code)) if code else ""
+  return f"{name}: {why}" if name and name not in why else why
+
+
 class CheckpointIncompatible(ValueError):
   """A checkpoint that does not fit the current model / optimizer configuration."""
 
@@ -118,8 +129,7 @@ class TrainCheckpointer:
       step = self._in_flight
       self._in_flight = None
       complete = [s for s in self._complete_steps() if step is None or s < step]
-      why = " ".join(str(e).split())
-      why = why if len(why) <= 400 else f"{why[:150]} ... {why[-200:]}"  # TensorStore's cause comes last
+      why = _short_cause(e)
       raise CheckpointSaveFailed(
           f"checkpoint {self.directory}/{step if step is not None else '?'} was not saved ({why}); the newest "
           f"complete checkpoint is {f'step {complete[-1]}' if complete else 'none'}") from None
