@@ -74,19 +74,18 @@ def test_eval_scores_the_workdir_zero_shot(runs, env):
 
 
 @pytest.mark.slow
-def test_a_generative_stage_starts_from_the_contrastive_workdir(runs):
-  """What init.source=checkpoint reads from a workdir (train/loop.initial_params): the family's parameters of the
+def test_a_generative_stage_starts_from_the_contrastive_workdir(runs, caplog):
+  """What init.source=checkpoint reads from a workdir (loader.start_params): the family's parameters of the
   contrastive run's last step, the head left behind."""
   import jax
+  import ml_collections
 
-  from qwenvl_jax.convert.checkpoint import load_training_params
+  from qwenvl_jax.convert.loader import start_params
   from qwenvl_jax.models import registry
   d, _, _ = runs
   cfg = registry.get_config("qwen_vl_demo", dtype="float32")
-  abstract = registry.family_of(cfg).abstract_params(cfg)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  params, step = load_training_params(str(d / "full"), abstract, jax.tree.map(lambda _: device, abstract))
-  assert step == 6 and "contrastive" not in params
+  params, _ = start_params(ml_collections.ConfigDict({"source": "checkpoint", "path": str(d / "full")}), cfg)
+  assert "contrastive" not in params and f"initialised from {d / 'full'} (step 6)" in caplog.text
   src = load_state(d / "full", 6)
   flat = {"params/" + "/".join(str(getattr(k, "key", k)) for k in p): np.asarray(x)
           for p, x in jax.tree_util.tree_leaves_with_path(params)}

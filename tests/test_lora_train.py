@@ -76,7 +76,7 @@ def test_the_workdir_loads_as_the_base_with_the_adapters_merged(lora_run):
   model = qv.load(str(wd))
   assert model.lora is not None and model.lora.spec.rank == 4 and not model.config.scan_layers
   cfg = model.config
-  base, _ = loader.base_params(loader.read_train_config(str(wd)).init, cfg, 0)  # the run's: seed 0's random base
+  base, _ = loader.start_params(loader.read_train_config(str(wd)).init, cfg, 0)  # the run's: seed 0's random base
   got, want = flatten_dict(model.params), flatten_dict(base)
   adapted = {p[:-1] + ("kernel",) for p in flatten_dict(model.lora.trained)}
   assert set(got) == set(want)

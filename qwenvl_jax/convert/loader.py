@@ -1,8 +1,8 @@
 """The one loader under everything that reads weights: path -> (family, config, params).
 
 It reads an HF folder (config.json `model_type` picks the family), this project's model checkpoint, or a `train.py`
-workdir (the latest step of one stage). `qv.load` wraps the result in the model facade; the trainer uses it to
-start a stage from HF weights. Nothing here imports the public API or the trainer.
+workdir (the latest step of one stage). `qv.load` wraps the result in the model facade; the trainer starts every
+run that does not start from random through `start_params`. Nothing here imports the public API or the trainer.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 from typing import Any
 
@@ -24,6 +25,8 @@ from qwenvl_jax.models.registry import Family
 from qwenvl_jax.nn.layers import stack_layers, unstack_layers
 from qwenvl_jax.sharding import logical_to_sharding
 
+log = logging.getLogger("qwenvl_jax.convert")
+
 
 @dataclasses.dataclass
 class Loaded:
@@ -33,6 +36,7 @@ class Loaded:
   assets_dir: str | None   # where the tokenizer / processor files of this checkpoint are (None if nowhere)
   quantize: str | None = None   # 'int8': params are the quantized tree of `models/quantize.py`
   lora: Any = None   # a LoRA workdir's `LoraWeights` (params are then its merged weights)
+  step: int | None = None   # a train.py workdir's: the training step of the checkpoint read
 
 
 @dataclasses.dataclass
@@ -182,9 +186,9 @@ def _load_training_workdir(path: str, dtype: str | None, mesh=None, quantize=Non
   fam = registry.family_of(stored)
   cfg = stored.replace(**overrides)
   check(cfg)
-  params, _ = checkpoint.load_training_params(path, fam.abstract_params(stored),
-                                              _stored_shardings(stored, mesh, quantize))
-  return Loaded(fam, cfg, _placed(params, stored, cfg, mesh, quantize), None, quantize)
+  params, step = checkpoint.load_training_params(path, fam.abstract_params(stored),
+                                                 _stored_shardings(stored, mesh, quantize))
+  return Loaded(fam, cfg, _placed(params, stored, cfg, mesh, quantize), None, quantize, step=step)
 
 
 def _load_lora_workdir(path: str, train_cfg, dtype, mesh, quantize, check, **overrides) -> Loaded:
@@ -195,7 +199,7 @@ def _load_lora_workdir(path: str, train_cfg, dtype, mesh, quantize, check, **ove
   fam = registry.family_of(stored)
   cfg = stored.replace(**overrides)
   check(cfg)
-  base, assets = base_params(train_cfg.init, stored, train_cfg.seed)
+  base, assets = start_params(train_cfg.init, stored, train_cfg.seed)
   trained = lora_trained(path, train_cfg, stored)
   params = merged(base, trained, stored)
   return Loaded(fam, cfg, _placed(params, stored, cfg, mesh, quantize), assets, quantize, lora=trained)
@@ -242,17 +246,22 @@ def merged(base: dict, weights: LoraWeights, cfg) -> dict:
   return lora.merge(lora.with_adapters(base, weights.trained), spec)
 
 
-def base_params(init, cfg, seed: int):
-  """A LoRA run's float base, unrolled, from its `init` section (an HF folder, a model checkpoint or a workdir in
-  either layer layout; random: seed's initialisation, as the run makes it) -> (params, assets dir or None).
-  ValueError when the weights are another model than `cfg`."""
+def start_params(init, cfg, seed: int | None = None, mesh=None):
+  """The weights a run starts from, per its `init` section, in `cfg`'s layer layout -> (params, assets dir or None).
+
+  init.path: an HF folder, a model checkpoint or a train.py workdir (either layer layout; a LoRA run's adapters
+  merged), read straight into `mesh`'s shards when given (else host / first device). init.source random: `seed`'s
+  initialisation as a run makes it, or params None without a seed (the caller initialises in place, sharded).
+  One-line ValueError when the weights are another model than `cfg`."""
   if init.source == "random":
-    return _jitted_init(cfg)(jax.random.key(seed)), None
-  got = load(init.path, dtype=cfg.param_dtype, scan_layers=False)
+    return (None if seed is None else _jitted_init(cfg)(jax.random.key(seed))), None
+  got = load(init.path, dtype=cfg.param_dtype, mesh=mesh, scan_layers=cfg.scan_layers)
   if type(got.config) is not type(cfg) or got.config.replace(
-      param_dtype=cfg.param_dtype, dtype=cfg.dtype, scan_layers=False, remat_policy=cfg.remat_policy) != cfg.replace(
-      scan_layers=False):
-    raise ValueError(f"init.path {init.path}: its model config is not the run's")
+      param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat_policy=cfg.remat_policy) != cfg:
+    raise ValueError(f"init.path {init.path}: its model config does not match the run's (model.name and "
+                     "model.overrides)")
+  if got.step is not None:
+    log.warning("initialised from %s (step %d)", init.path, got.step)
   return got.params, got.assets_dir
 
 

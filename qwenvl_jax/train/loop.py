@@ -16,7 +16,6 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qwenvl_jax.convert import checkpoint as model_checkpoint
 from qwenvl_jax.convert import loader
 from qwenvl_jax.convert.loader import model_config
 from qwenvl_jax.data.pipeline import DataConfig, DataPipeline, build_patch_dataset
@@ -47,7 +46,7 @@ class NonFiniteLoss(RuntimeError):
   """Training stopped on a NaN/Inf loss or gradient (the last checkpoint is the last good state)."""
 
 
-__all__ = ["model_config", "run", "run_stage", "initial_params", "NonFiniteLoss"]
+__all__ = ["model_config", "run", "run_stage", "NonFiniteLoss"]
 
 
 def optimizer(c, cfg):
@@ -167,26 +166,6 @@ def data_pipeline(c, tok, processor, seed_offset: int = 0):
   return DataPipeline(data_source(c), tok, dcfg, seed=c.seed + seed_offset, num_epochs=None), TASKS
 
 
-def initial_params(c, cfg, param_shardings):
-  """Weights to start from (None = random init)."""
-  src, path = c.init.source, c.init.path
-  if src == "random":
-    return None
-  if src == "hf":
-    got = loader.load(path, dtype=cfg.param_dtype, scan_layers=cfg.scan_layers)
-    if type(got.config) is not type(cfg) or got.config.replace(
-        param_dtype=cfg.param_dtype, dtype=cfg.dtype, scan_layers=cfg.scan_layers,
-        remat_policy=cfg.remat_policy) != cfg:
-      raise ValueError(f"{path}: its model config does not match model.name={c.model.name}")
-    return got.params
-  abstract = registry.family_of(cfg).abstract_params(cfg)
-  if model_checkpoint.is_checkpoint(path):
-    return model_checkpoint.load(path, abstract, shardings=param_shardings)
-  params, step = model_checkpoint.load_training_params(path, abstract, param_shardings)
-  log.warning("initialised from %s (step %d)", path, step)
-  return params
-
-
 def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
   """FLOP/s of a jitted n x n matmul on device 0 (the roofline used for MFU when no peak is configured)."""
   x = jnp.ones((n, n), dtype)
@@ -235,7 +214,7 @@ def _run_stage(c, workdir: str, shared_dir: str | None, guard: SigtermGuard) -> 
                            async_save=c.checkpoint.async_save)
   frozen, frozen_shardings, base = {}, {}, None
   if plan is not None:  # the frozen base, rebuilt from `init` on every start (checkpoints hold the trained part)
-    base, _ = loader.base_params(c.init, cfg, c.seed)  # random: the same base on every start (seeded)
+    base, _ = loader.start_params(c.init, cfg, c.seed)  # random: the same base on every start (seeded)
     frozen, frozen_shardings = plan.frozen(base), plan.frozen_abstract()[1]
   found = ckpt.restore_latest(abstract, shardings)
   if found is not None:
@@ -249,8 +228,7 @@ def _run_stage(c, workdir: str, shared_dir: str | None, guard: SigtermGuard) -> 
       state = create_state(cfg, tx, mesh, c.seed, params=plan.initial_trained(base, jax.random.key(c.seed + 1)),
                            plan=plan)
     else:
-      family_shardings = {k: v for k, v in shardings.params.items() if k != "contrastive"}
-      state = create_state(cfg, tx, mesh, c.seed, params=initial_params(c, cfg, family_shardings), head=head)
+      state = create_state(cfg, tx, mesh, c.seed, params=loader.start_params(c.init, cfg, mesh=mesh)[0], head=head)
     start = 0
   del base  # the frozen tree holds what the run needs (quantized for Q-LoRA)
   if primary:  # only once the workdir's checkpoint fits this config (a rejected one keeps the run's config.json)
