@@ -86,6 +86,27 @@ def test_sigterm_inside_a_gc_callback_during_imports_still_exits(env):
   assert r.returncode == 0 and "SIGTERM during start-up: exiting" in r.stdout and "went on" not in r.stdout, describe(r)
 
 
+def test_tensorstore_futures_never_retrieved_after_a_failed_read_are_not_logged(caplog):
+  """After a failed restore TensorStore's other reads end as futures nobody awaits, which asyncio logs at exit
+  ("Future exception was never retrieved", no Orbax frame): dropped, so the run's error stays its last line;
+  another never-retrieved future is still logged."""
+  import asyncio
+  import gc
+
+  from qwenvl_jax.train import checkpointing
+  checkpointing._quiet_orbax_failures()  # what every TrainCheckpointer installs
+  loop = asyncio.new_event_loop()
+  for text in ("OUT_OF_RANGE: Error reading \"mu.bias/0.0\" in OCDBT database at local file \"/x/16/state/\"",
+               "an unrelated failure"):
+    f = loop.create_future()
+    f.set_exception(ValueError(text))
+    del f
+    gc.collect()
+  loop.close()
+  logged = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+  assert len(logged) == 1 and "an unrelated failure" in logged[0], logged
+
+
 def test_a_nan_before_any_checkpoint_says_so(env, tmp_path):
   wd = tmp_path / "run"
   r = train(env, f"--config={write_config(tmp_path)}", f"--workdir={wd}", "--config.optim.lr=1e30",

@@ -46,13 +46,15 @@ def _orbax_leftover(unraisable) -> bool:
 
 
 class _OrbaxNoise(logging.Filter):
-  """On the asyncio logger: drops the never-awaited failures of Orbax's tasks (and of their gathering); on absl's:
-  keeps Orbax's lines, not their tracebacks."""
+  """On the asyncio logger: drops the never-awaited failures of Orbax's tasks (and of their gathering) and of
+  TensorStore's futures (whose messages name the OCDBT store and carry no Orbax frame); on absl's: keeps Orbax's
+  lines, not their tracebacks."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.name == "asyncio":
       unretrieved = "exception was never retrieved" in str(record.msg).split("\n", 1)[0]
-      return not (unretrieved and (_ORBAX in record.getMessage() or
+      message = record.getMessage()
+      return not (unretrieved and (_ORBAX in message or "OCDBT" in message or "TensorStore" in message or
                                    _in_orbax(record.exc_info[2] if record.exc_info else None)))
     if record.exc_info and _ORBAX in record.pathname:
       record.exc_info, record.exc_text = None, None
