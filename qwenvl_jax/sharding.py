@@ -101,3 +101,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def put_sharded(x: np.ndarray, sharding) -> jax.Array:
   """A host array placed into the shards of this process's devices (no device holds more than its shard)."""
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index], dtype=x.dtype)
+
+
+def put_tree_sharded(tree, shardings):
+  """Every leaf (host or this process's device arrays holding the whole value, as on every process) into its
+  shards. Unlike `jax.device_put`, this works when a sharding spans other processes' devices too."""
+  return jax.tree.map(lambda x, s: put_sharded(np.asarray(x), s), tree, shardings)

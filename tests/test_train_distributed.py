@@ -146,9 +146,11 @@ def _losses(results, process):
   return [r["loss"] for r in rows], [r["grad_norm"] for r in rows], rows
 
 
-@pytest.mark.parametrize("family", ["qwen_vl", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["qwen_vl", "qwen2_vl_lora"])
 def test_two_process_train_py_matches_one_process(tmp_path, family):
-  """Qwen-VL: fixed image spans; Qwen2-VL: each host packs its own rows with their own patches (any resolution)."""
+  """Qwen-VL: fixed image spans, full fine-tuning; Qwen2-VL: each host packs its own rows with their own patches
+  (any resolution), and trains LoRA adapters on a base every process reads from a model checkpoint (the base and
+  the adapters placed into shards that span both processes)."""
   config = tmp_path / "tiny.py"
   if family == "qwen_vl":
     config.write_text(TINY_CONFIG)
@@ -156,7 +158,10 @@ def test_two_process_train_py_matches_one_process(tmp_path, family):
   else:
     from qwen2_tokenizer_fixture import build
     tokenizer, vocab = build(str(tmp_path / "tokenizer.json")), 512
-    config.write_text(QWEN2_CONFIG.format(tokenizer=tokenizer))
+    import qwenvl_jax as qv
+    qv.VLModel.random("qwen2_vl_tiny", seed=3, dtype="float32").save(str(tmp_path / "base"))  # read by every process
+    lora = f"  c.lora.rank = 4\n  c.init.update(source='checkpoint', path={str(tmp_path / 'base')!r})\n  return c\n"
+    config.write_text(QWEN2_CONFIG.format(tokenizer=tokenizer).replace("  return c\n", lora))
   record, workdir = tmp_path / "batches", tmp_path / "multi"
   record.mkdir()
   # started as docs/tpu.md says, through the launcher (it adds the coordinator, process count and ids)
@@ -193,6 +198,13 @@ def test_two_process_train_py_matches_one_process(tmp_path, family):
   assert [m["last_loss"] for m in logged] == loss0
   assert os.path.isdir(workdir / "checkpoints" / "3")
   assert abs(loss0[0] - np.log(vocab)) < 0.5 and loss0[2] < loss0[0]
+  if family.endswith("_lora"):  # the checkpoint holds the adapters alone (its tree read, not its arrays)
+    import jax
+    import orbax.checkpoint as ocp
+    meta = ocp.PyTreeCheckpointer().metadata(str(workdir / "checkpoints" / "3" / "state"))
+    tree = getattr(meta, "item_metadata", meta)
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree["params"])]
+    assert names and all(n.endswith(("'kernel_lora_a']", "'kernel_lora_b']")) for n in names), names
 
   # one process, one device, the same global batches
   single = _run(["replay", "--devices=1", f"--record={record}", "--", f"--config={config}",

@@ -92,7 +92,7 @@ def load(path: str, abstract, shardings=None):
   with `shardings` (a matching tree of jax shardings) or on the first device."""
   path = os.path.abspath(path)
   if shardings is None:
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: dev, abstract)
   target = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -112,7 +112,8 @@ def load(path: str, abstract, shardings=None):
   with ocp.StandardCheckpointer() as ckptr:
     for i, group in enumerate(groups):
       try:
-        sub = ckptr.restore(os.path.join(path, "params", f"{i:03d}"), unflatten_dict({p: flat_target[p] for p in group}))
+        sub = ckptr.restore(os.path.join(path, "params", f"{i:03d}"),
+                            unflatten_dict({p: flat_target[p] for p in group}))
       except (ValueError, KeyError, FileNotFoundError) as e:
         raise ValueError(f"{path}: checkpoint group {i:03d} does not match its config ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:300]})") from None
@@ -131,7 +132,8 @@ def load_training_params(directory: str, abstract_params, param_shardings):
   read."""
   if not os.path.isdir(directory):  # checked here: the manager would create the folder it was asked to read
     raise FileNotFoundError(f"checkpoint folder {directory} does not exist")
-  ckpt_dir = os.path.join(directory, "checkpoints") if os.path.isdir(os.path.join(directory, "checkpoints")) else directory
+  nested = os.path.join(directory, "checkpoints")
+  ckpt_dir = nested if os.path.isdir(nested) else directory
   mgr = ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_names=("state", "data"),
                               options=ocp.CheckpointManagerOptions(create=False, read_only=True))
   step = mgr.latest_step()

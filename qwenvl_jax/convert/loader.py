@@ -106,7 +106,7 @@ def _stored_shardings(stored, mesh, quantize):
     return jax.tree.map(lambda _: cpu, registry.family_of(stored).abstract_params(stored))
   if mesh is not None:
     return param_shardings(stored, mesh)
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(lambda _: dev, registry.family_of(stored).abstract_params(stored))
 
 
@@ -226,7 +226,7 @@ def lora_trained(path: str, train_cfg, cfg) -> LoraWeights:
     raise ValueError(f"{path} is not a LoRA run (its config has lora.rank 0)")
   abstract = flatten_dict(lora.abstract_tree(cfg, spec))
   trained_abstract = unflatten_dict({p: abstract[p] for p in lora.trained_paths(abstract, train_cfg.lora.trainable)})
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   try:
     trained, _ = checkpoint.load_training_params(path, trained_abstract, jax.tree.map(lambda _: dev, trained_abstract))
   except (ValueError, KeyError, TypeError) as e:

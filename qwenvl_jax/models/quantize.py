@@ -57,14 +57,14 @@ def abstract_quantized(cfg, qmodule, boxed: bool = False):
 
 def host_device():
   try:
-    return jax.devices("cpu")[0]
+    return jax.local_devices(backend="cpu")[0]
   except RuntimeError:  # a platform without a CPU client: quantize where the arrays are
-    return jax.devices()[0]
+    return jax.local_devices()[0]
 
 
 class Quantizer:
   """Quantizes float parameters leaf by leaf (on the host CPU) and places each straight into its shards on `mesh`
-  (or on the first device), so no device ever holds a float copy of the model."""
+  (or on this process's first device), so no device ever holds a float copy of the model."""
 
   def __init__(self, cfg, mode: str = "int8", mesh=None, module=None, boxed=None):
     """module: a Qwix-wrapped module whose quantized kernels to produce (default: `quantized_module(cfg, mode)`;
@@ -84,7 +84,7 @@ class Quantizer:
     if hasattr(want, "how"):  # a quantized kernel: int8 values + scales, computed on the host CPU
       x = _quantize_fn(want)(jax.device_put(x, host_device()))
     if self.shardings is None:
-      return jax.device_put(x, jax.devices()[0])
+      return jax.device_put(x, jax.local_devices()[0])
     return jax.tree.map(lambda a, s: put_sharded(np.asarray(a), s), x, _get(self.shardings, tree_path))
 
   def quantize_tree(self, params: dict) -> dict:

@@ -16,7 +16,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from qwenvl_jax.models import lora
 from qwenvl_jax.models import quantize as quantization
-from qwenvl_jax.sharding import logical_to_sharding
+from qwenvl_jax.sharding import logical_to_sharding, put_tree_sharded
 
 
 def spec_of(c) -> lora.LoraSpec | None:
@@ -61,13 +61,13 @@ class LoraPlan:
     if self.spec.quantize:
       q = quantization.Quantizer(self.cfg, self.spec.quantize, self.mesh, module=self.module, boxed=self.boxed)
       return unflatten_dict({p: q.place(p, flat.pop(p)) for p in list(flat)})
-    return jax.device_put(unflatten_dict(flat), self.part(self.shardings, False))
+    return put_tree_sharded(unflatten_dict(flat), self.part(self.shardings, False))
 
   def initial_trained(self, base: dict, rng) -> dict:
     """Fresh adapters plus the trained base parameters' initial values, placed."""
     flat = {p: x for p, x in flatten_dict(base).items() if p in self.trained}
     flat.update(flatten_dict(lora.init_adapters(self.cfg, self.spec, rng, self.adapter_shapes)))
-    return jax.device_put(unflatten_dict(flat), self.part(self.shardings, True))
+    return put_tree_sharded(unflatten_dict(flat), self.part(self.shardings, True))
 
 
 def nbytes(tree, shardings=None) -> float:
