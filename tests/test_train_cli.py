@@ -65,7 +65,7 @@ def test_a_mistyped_init_path_is_one_error_line_and_creates_nothing(env, tmp_pat
   typo = tmp_path / "stage1_typo"
   r = train(env, f"--config={write_config(tmp_path)}", f"--workdir={tmp_path / 'run'}",
             "--config.init.source=checkpoint", f"--config.init.path={typo}", timeout=120)
-  assert r.returncode == 2 and f"checkpoint folder {typo} does not exist" in error_line(r.stderr), describe(r)
+  assert r.returncode == 2 and error_line(r.stderr) == f"error: init.path {typo} does not exist", describe(r)
   assert not typo.exists()
 
 

@@ -255,6 +255,8 @@ def start_params(init, cfg, seed: int | None = None, mesh=None):
   One-line ValueError when the weights are another model than `cfg`."""
   if init.source == "random":
     return (None if seed is None else _jitted_init(cfg)(jax.random.key(seed))), None
+  if not os.path.exists(init.path):
+    raise FileNotFoundError(f"init.path {init.path} does not exist")
   got = load(init.path, dtype=cfg.param_dtype, mesh=mesh, scan_layers=cfg.scan_layers)
   if type(got.config) is not type(cfg) or got.config.replace(
       param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat_policy=cfg.remat_policy) != cfg:
