@@ -11,8 +11,8 @@ import sys
 
 def _exit_on_sigterm(signum, frame):
   """Until the training loop installs its own handler (imports and flag parsing): nothing to save yet. os._exit,
-  not sys.exit: a SystemExit raised inside an import can be swallowed by a library's bare `except:`, and the run
-  would then go on training after saying it exits."""
+  not sys.exit: the handler may run inside a gc callback (jax registers one), where a raised SystemExit is only
+  reported as unraisable and the run would go on training after saying it exits."""
   print("SIGTERM during start-up: exiting, nothing new saved", flush=True)
   sys.stderr.flush()
   os._exit(0)

@@ -103,6 +103,13 @@ def put_sharded(x: np.ndarray, sharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index], dtype=x.dtype)
 
 
+def on_first_local_device(tree):
+  """A SingleDeviceSharding on this process's first device for every leaf of `tree` (jax.devices()[0] is process
+  0's in a multi-process run)."""
+  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda _: dev, tree)
+
+
 def put_tree_sharded(tree, shardings):
   """Every leaf (host or this process's device arrays holding the whole value, as on every process) into its
   shards. Unlike `jax.device_put`, this works when a sharding spans other processes' devices too."""

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from qwenvl_jax.models import registry
+from qwenvl_jax.sharding import on_first_local_device
 
 CONFIG_FILE = "qwenvl_config.json"
 GROUP_BYTES = 1 << 30
@@ -92,8 +93,7 @@ def load(path: str, abstract, shardings=None):
   with `shardings` (a matching tree of jax shardings) or on the first device."""
   path = os.path.abspath(path)
   if shardings is None:
-    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shardings = jax.tree.map(lambda _: dev, abstract)
+    shardings = on_first_local_device(abstract)
   target = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract, shardings)

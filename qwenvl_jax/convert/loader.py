@@ -23,7 +23,7 @@ from qwenvl_jax.models import quantize as quantization
 from qwenvl_jax.models import registry
 from qwenvl_jax.models.registry import Family
 from qwenvl_jax.nn.layers import stack_layers, unstack_layers
-from qwenvl_jax.sharding import logical_to_sharding
+from qwenvl_jax.sharding import logical_to_sharding, on_first_local_device
 
 log = logging.getLogger("qwenvl_jax.convert")
 
@@ -106,8 +106,7 @@ def _stored_shardings(stored, mesh, quantize):
     return jax.tree.map(lambda _: cpu, registry.family_of(stored).abstract_params(stored))
   if mesh is not None:
     return param_shardings(stored, mesh)
-  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return jax.tree.map(lambda _: dev, registry.family_of(stored).abstract_params(stored))
+  return on_first_local_device(registry.family_of(stored).abstract_params(stored))
 
 
 def _placed(params, stored, cfg, mesh, quantize=None):
@@ -226,9 +225,8 @@ def lora_trained(path: str, train_cfg, cfg) -> LoraWeights:
     raise ValueError(f"{path} is not a LoRA run (its config has lora.rank 0)")
   abstract = flatten_dict(lora.abstract_tree(cfg, spec))
   trained_abstract = unflatten_dict({p: abstract[p] for p in lora.trained_paths(abstract, train_cfg.lora.trainable)})
-  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   try:
-    trained, _ = checkpoint.load_training_params(path, trained_abstract, jax.tree.map(lambda _: dev, trained_abstract))
+    trained, _ = checkpoint.load_training_params(path, trained_abstract, on_first_local_device(trained_abstract))
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(f"{path}: its adapters do not fit this model ({type(e).__name__}: "
                      f"{' '.join(str(e).split())[:200]})") from None

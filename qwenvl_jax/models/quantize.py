@@ -23,7 +23,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from qwenvl_jax.models import registry
-from qwenvl_jax.sharding import logical_to_sharding, put_sharded
+from qwenvl_jax.sharding import logical_to_sharding, put_tree_sharded
 
 MODES = ("int8",)
 # module paths whose weights stay in the parameter dtype: the embedding table (a gather, not a matmul)
@@ -85,7 +85,7 @@ class Quantizer:
       x = _quantize_fn(want)(jax.device_put(x, host_device()))
     if self.shardings is None:
       return jax.device_put(x, jax.local_devices()[0])
-    return jax.tree.map(lambda a, s: put_sharded(np.asarray(a), s), x, _get(self.shardings, tree_path))
+    return put_tree_sharded(x, _get(self.shardings, tree_path))
 
   def quantize_tree(self, params: dict) -> dict:
     """A whole float tree (unrolled layers) -> the quantized tree; each float leaf is dropped once placed."""

@@ -86,7 +86,8 @@ def _short_cause(e: BaseException) -> str:
   as `os_error_code=N` after a long spec whose length depends on the path, so the OS error is named first."""
   why = " ".join(str(e).split())
   why = why if len(why) <= 400 else f"{why[:150]} ... {why[-200:]}"  # TensorStore's cause comes last
-  code = getattr(e, "errno", None) or next(iter(re.findall(r"os_error_code\W*(\d+)", str(e))), None)
+  found = re.search(r"os_error_code\W*(\d+)", str(e))
+  code = getattr(e, "errno", None) or (found and found.group(1))
   name = os.strerror(int(code)) if code else ""
   return f"{name}: {why}" if name and name not in why else why
 

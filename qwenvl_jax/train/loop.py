@@ -265,9 +265,7 @@ def _run_stage(c, workdir: str, shared_dir: str | None, guard: SigtermGuard) -> 
   step = start
   trace = _Trace(c.profile, os.path.join(workdir, "tensorboard"))
   saved, data_state = start, data_iter.get_state()
-  if guard.requested:  # a SIGTERM whose Interrupted was swallowed (raised inside a gc callback) during start-up
-    raise Interrupted()
-  guard.interruptible = False  # from here SIGTERM finishes the step in flight
+  guard.hold()  # from here SIGTERM finishes the step in flight
   try:
     with jax.set_mesh(mesh), _logical_rules():
       while step < total:

@@ -3,7 +3,7 @@
     guard = SigtermGuard()            # interruptible from here: start-up (tokenizer, restore, compile) can take minutes
     with guard:
       ...                             # start-up: SIGTERM raises Interrupted (nothing new to save)
-      guard.interruptible = False     # a step or a save is running: SIGTERM only sets `requested`
+      guard.hold()                    # a step or a save is running: SIGTERM only sets `requested`
       with guard.waiting():           # waiting for data: SIGTERM raises Interrupted at once
         batch = next(data_iter)
 
@@ -45,6 +45,13 @@ class SigtermGuard:
     self.requested = True
     if self.interruptible:
       raise Interrupted()
+
+  def hold(self) -> None:
+    """From here SIGTERM only sets `requested` (a step or a save is running). A SIGTERM that already came raises
+    Interrupted now: its own Interrupted may have been swallowed, raised inside a gc callback (jax registers one)."""
+    if self.requested:
+      raise Interrupted()
+    self.interruptible = False
 
   @contextlib.contextmanager
   def waiting(self):
